@@ -1,0 +1,304 @@
+"""Server settings: one declarative table drives the CLI, the environment and the TOML file.
+
+Precedence is CLI > environment (``ML_OFFLOAD_*``) > TOML file > defaults. Every option is
+listed once in ``OPTIONS``; ``--help``, the README table and the NixOS module test all read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "ML_OFFLOAD_"
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used; the message says which and why."""
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "ml-offload"
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse ``512MiB``, ``8G``, ``1.5GB`` or a plain byte count (binary units throughout)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgtKMGT]?)(i?[bB])?\s*", str(text))
+    if not m:
+        raise ConfigError(f"not a size: {text!r} (use e.g. 512MiB, 8GiB or a byte count)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Parse ``5m``, ``1h30m``, ``90s``, ``-1`` or a number of seconds. Negative means never."""
+    if isinstance(text, int | float):
+        return float(text)
+    s = str(text).strip()
+    try:
+        return float(s)
+    except ValueError:
+        pass
+    sign = -1.0 if s.startswith("-") else 1.0
+    body = s.lstrip("+-")
+    parts = re.findall(r"([0-9]*\.?[0-9]+)(ms|s|m|h|d)", body)
+    if not parts or "".join(n + u for n, u in parts) != body:
+        raise ConfigError(f"not a duration: {text!r} (use e.g. 30s, 5m, 1h or seconds)")
+    return sign * sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    low = str(text).strip().lower()
+    if low in {"1", "true", "yes", "on"}:
+        return True
+    if low in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigError(f"not a boolean: {text!r} (use true or false)")
+
+
+def parse_gpu_layers(text: str | int) -> int | None:
+    """``auto`` (None) lets the planner decide; ``-1`` means all layers; N means N."""
+    if isinstance(text, int):
+        return text
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise ConfigError(f"n_gpu_layers must be 'auto' or an integer, not {text!r}") from exc
+
+
+def parse_list(text: str | Sequence[str]) -> list[str]:
+    """A list from TOML, or from a comma/colon-separated string in the environment."""
+    if isinstance(text, str):
+        return [p.strip() for p in re.split(r"[,:]", text) if p.strip()]
+    return [str(p) for p in text]
+
+
+def parse_int(text: str | int) -> int:
+    try:
+        return int(text)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"not an integer: {text!r}") from exc
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(text: Any) -> str:
+        value = str(text).strip()
+        if value not in choices:
+            raise ConfigError(f"must be one of {', '.join(choices)}, not {value!r}")
+        return value
+
+    return parse
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    name: str
+    default: Any
+    parse: Callable[[Any], Any]
+    help: str
+    metavar: str = "VALUE"
+    flag_only: bool = False  # a CLI switch with no environment variable (e.g. --config)
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", "127.0.0.1", str, "address to bind; loopback unless you set an API key", "ADDR"),
+    Option("port", 9000, parse_int, "TCP port of the API", "PORT"),
+    Option("data_dir", None, lambda v: Path(v).expanduser(),
+           "where the registry database and the embedded default model live "
+           "(default $XDG_DATA_HOME/ml-offload)", "DIR"),
+    Option("models_dir", [], parse_list,
+           "one or more folders scanned for .gguf files (comma or colon separated)", "DIRS"),
+    Option("default_model", "", str,
+           "registry id, alias or .gguf path answered for model 'default' "
+           "(default: the embedded Gemma 3 270M)", "MODEL"),
+    Option("n_ctx", 4096, parse_int, "context length per loaded model, in tokens", "N"),
+    Option("threads", 0, parse_int, "CPU threads for llama.cpp (0: all cores)", "N"),
+    Option("n_gpu_layers", None, parse_gpu_layers,
+           "layers to offload to the GPU: auto (fit free VRAM), -1 (all) or a number", "auto|N"),
+    Option("vram_margin", 512 * 1024**2, parse_size,
+           "VRAM kept free by the offload planner", "SIZE"),
+    Option("gpu", 0, parse_int, "index of the GPU to plan and offload for", "INDEX"),
+    Option("max_loaded", 1, parse_int,
+           "models kept loaded at once; loading another swaps out the least recently used", "N"),
+    Option("keep_alive", 300.0, parse_duration,
+           "unload a model after this long idle (5m, 1h, seconds; negative: never)", "DURATION"),
+    Option("load_timeout", 300.0, parse_duration,
+           "how long a request waits for its model to load", "DURATION"),
+    Option("max_queue", 64, parse_int,
+           "requests allowed to wait per model before answering 429", "N"),
+    Option("request_timeout", 600.0, parse_duration,
+           "longest a single request may run before it is cancelled", "DURATION"),
+    Option("max_body", 4 * 1024**2, parse_size, "largest request body accepted (413 past it)",
+           "SIZE"),
+    Option("api_key", "", str,
+           "require 'Authorization: Bearer KEY' on every endpoint but /health", "KEY"),
+    Option("api_key_file", None, lambda v: Path(v).expanduser(),
+           "read the API key from this file (keeps it out of the process list)", "FILE"),
+    Option("allow_unauthenticated", False, parse_bool,
+           "allow binding a non-loopback address without an API key", "BOOL"),
+    Option("cors_origins", [], parse_list, "origins allowed by CORS (off when empty)", "ORIGINS"),
+    Option("backend", "llamacpp", _choice("llamacpp", "llama-server"),
+           "llamacpp: in-process llama.cpp; llama-server: proxy to an external llama-server",
+           "NAME"),
+    Option("llamacpp_url", "http://127.0.0.1:8080", str,
+           "base URL of llama-server when backend is llama-server", "URL"),
+    Option("log_level", "info", _choice("debug", "info", "warning", "error"),
+           "log verbosity (debug also logs prompt text)", "LEVEL"),
+    Option("log_json", False, parse_bool, "log one JSON object per line", "BOOL"),
+    Option("config", None, lambda v: Path(v).expanduser(),
+           "TOML file with any of these settings (keys as in this list)", "FILE"),
+)
+
+OPTIONS_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 9000
+    data_dir: Path = dataclasses.field(default_factory=default_data_dir)
+    models_dir: tuple[Path, ...] = ()
+    default_model: str = ""
+    n_ctx: int = 4096
+    threads: int = 0
+    n_gpu_layers: int | None = None
+    vram_margin: int = 512 * 1024**2
+    gpu: int = 0
+    max_loaded: int = 1
+    keep_alive: float = 300.0
+    load_timeout: float = 300.0
+    max_queue: int = 64
+    request_timeout: float = 600.0
+    max_body: int = 4 * 1024**2
+    api_key: str = ""
+    allow_unauthenticated: bool = False
+    cors_origins: tuple[str, ...] = ()
+    backend: str = "llamacpp"
+    llamacpp_url: str = "http://127.0.0.1:8080"
+    log_level: str = "info"
+    log_json: bool = False
+
+    @property
+    def effective_threads(self) -> int:
+        return self.threads if self.threads > 0 else max(1, os.cpu_count() or 1)
+
+    @property
+    def registry_path(self) -> Path:
+        return self.data_dir / "registry.sqlite3"
+
+
+def build_parser(prog: str = "python -m mloffload.server") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="ml-offload: an OpenAI-compatible API on llama.cpp. Every option can also "
+        "be set as an environment variable (shown in brackets) or in a TOML file "
+        "(--config); the command line wins over the environment, which wins over the file.",
+    )
+    for opt in OPTIONS:
+        default = opt.default if opt.default not in (None, [], "") else "none"
+        if opt.name == "n_gpu_layers":
+            default = "auto"
+        if opt.name == "data_dir":
+            default = "$XDG_DATA_HOME/ml-offload"
+        parser.add_argument(
+            opt.flag,
+            dest=opt.name,
+            metavar=opt.metavar,
+            default=argparse.SUPPRESS,
+            help=f"{opt.help} [{opt.env}; default: {default}]",
+        )
+    return parser
+
+
+def _from_mapping(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, raw in values.items():
+        opt = OPTIONS_BY_NAME.get(key.replace("-", "_"))
+        if opt is None:
+            raise ConfigError(f"{source}: unknown setting {key!r}")
+        try:
+            out[opt.name] = opt.parse(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {opt.name}: {exc}") from None
+    return out
+
+
+def load_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Merge defaults, the TOML file, the environment and the command line."""
+    env = os.environ if environ is None else environ
+    cli_raw = vars(build_parser().parse_args(list(argv or [])))
+    cli = _from_mapping(cli_raw, "command line")
+    env_values = _from_mapping(
+        {o.name: env[o.env] for o in OPTIONS if o.env in env}, "environment"
+    )
+    config_path = cli.get("config") or env_values.get("config")
+    file_values: dict[str, Any] = {}
+    if config_path is not None:
+        try:
+            data = tomllib.loads(Path(config_path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {config_path}: {exc}") from None
+        file_values = _from_mapping(data, str(config_path))
+    merged = {**file_values, **env_values, **cli}
+    merged.pop("config", None)
+    return settings_from(merged)
+
+
+def settings_from(values: Mapping[str, Any]) -> Settings:
+    """Build Settings from already-parsed values, resolving the API key file."""
+    vals = dict(values)
+    key_file = vals.pop("api_key_file", None)
+    if key_file is not None:
+        try:
+            vals["api_key"] = Path(key_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read api_key_file {key_file}: {exc}") from None
+    if "models_dir" in vals:
+        vals["models_dir"] = tuple(Path(p).expanduser() for p in vals["models_dir"])
+    if "cors_origins" in vals:
+        vals["cors_origins"] = tuple(vals["cors_origins"])
+    if vals.get("data_dir") is None:
+        vals.pop("data_dir", None)
+    settings = Settings(**vals)
+    _validate(settings)
+    return settings
+
+
+def _validate(s: Settings) -> None:
+    if not 0 < s.port < 65536:
+        raise ConfigError(f"port must be between 1 and 65535, not {s.port}")
+    if s.n_ctx < 16:
+        raise ConfigError(f"n_ctx must be at least 16, not {s.n_ctx}")
+    if s.max_loaded < 1:
+        raise ConfigError("max_loaded must be at least 1")
+    if s.max_queue < 0:
+        raise ConfigError("max_queue must not be negative")
+    if s.request_timeout <= 0:
+        raise ConfigError("request_timeout must be positive")

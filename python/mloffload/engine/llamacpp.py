@@ -1,0 +1,373 @@
+"""llama.cpp in-process, through llama-cpp-python.
+
+Generation drives ``Llama.generate`` directly instead of ``create_completion``: pieces come
+from ``llama_token_to_piece`` (what llama.cpp's own server streams), stop strings are
+matched incrementally, and the loop checks the cancel flag between tokens. Embeddings use a
+second small context on the same weights, with mean pooling, so nothing is loaded twice.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import dataclasses
+import gc
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from ..gguf_info import GGUFInfo
+from .base import (
+    FINISH_CANCELLED,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    ContextLengthError,
+    Embeddings,
+    EngineError,
+    GenerationResult,
+    SamplingParams,
+)
+from .chat_format import ChatFormatError, ChatFormatter
+from .stops import StopMatcher
+
+log = logging.getLogger("mloffload.engine")
+
+EMBED_CTX_MAX = 2048
+
+
+class LlamaCppUnavailable(EngineError):
+    """llama-cpp-python cannot be imported in this Python."""
+
+
+_llama_log = logging.getLogger("mloffload.llama_cpp")
+GGML_LOG_LEVEL_ERROR = 4  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+_log_callback: Any = None
+
+
+def _route_llama_logs(llama_cpp: Any) -> None:
+    """Send llama.cpp's own log lines to Python logging: errors stay visible, the rest
+    (tensor tables, cache notes) only at debug level."""
+    global _log_callback
+    if _log_callback is not None:
+        return
+
+    @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+    def callback(level: int, text: bytes, _user: Any) -> None:
+        line = text.decode("utf-8", "replace").rstrip()
+        if not line:
+            return
+        if level == GGML_LOG_LEVEL_ERROR:
+            _llama_log.error("%s", line)
+        else:
+            _llama_log.debug("%s", line)
+
+    _log_callback = callback  # keep a reference: llama.cpp holds only the pointer
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+def import_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except Exception as exc:  # ImportError, or OSError from a broken shared library
+        raise LlamaCppUnavailable(
+            "llama-cpp-python is not importable in this Python "
+            f"({exc}); install it with: pip install llama-cpp-python==0.3.36"
+        ) from exc
+    _route_llama_logs(llama_cpp)
+    return llama_cpp
+
+
+def engine_facts() -> dict[str, Any]:
+    """What the installed llama.cpp can do, without loading a model."""
+    try:
+        llama_cpp = import_llama_cpp()
+    except LlamaCppUnavailable as exc:
+        return {"available": False, "reason": str(exc)}
+    return {
+        "available": True,
+        "llama_cpp_python": getattr(llama_cpp, "__version__", "unknown"),
+        "supports_gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        "supports_mmap": bool(llama_cpp.llama_supports_mmap()),
+        "system_info": llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    n_ctx: int = 4096
+    n_threads: int = 0
+    n_gpu_layers: int = 0
+    main_gpu: int = 0
+
+
+class LlamaCppEngine:
+    """One loaded GGUF model. Not thread-safe: one worker thread drives it."""
+
+    def __init__(self, model_id: str, info: GGUFInfo, options: LoadOptions) -> None:
+        llama_cpp = import_llama_cpp()
+        self._lib = llama_cpp
+        self.model_id = model_id
+        self.path = info.path
+        self.options = options
+        self._info = info
+        n_ctx = options.n_ctx
+        if info.context_length:
+            n_ctx = min(n_ctx, info.context_length)
+        started = time.monotonic()
+        try:
+            self._llm = llama_cpp.Llama(
+                model_path=info.path,
+                n_ctx=n_ctx,
+                n_batch=min(512, n_ctx),
+                n_threads=options.n_threads or None,
+                n_threads_batch=options.n_threads or None,
+                n_gpu_layers=options.n_gpu_layers,
+                main_gpu=options.main_gpu,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise EngineError(f"llama.cpp could not load {info.path}: {exc}") from exc
+        self.load_seconds = time.monotonic() - started
+        self.n_ctx: int = int(self._llm.n_ctx())
+        self._vocab = llama_cpp.llama_model_get_vocab(self._llm._model.model)
+        self._piece_buf = ctypes.create_string_buffer(256)
+        model = self._llm._model
+        bos = model.token_get_text(self._llm.token_bos()) if self._llm.token_bos() >= 0 else ""
+        eos = model.token_get_text(self._llm.token_eos()) if self._llm.token_eos() >= 0 else ""
+        self.formatter = ChatFormatter(info.chat_template, info.architecture, bos, eos)
+        self._stop_cache: dict[tuple[str, ...], tuple[frozenset[int], tuple[str, ...]]] = {}
+        self._embed_ctx: Any = None
+        self._embed_batch: Any = None
+        self._closed = False
+        log.info(
+            "loaded %s (%s, n_ctx=%d, n_gpu_layers=%d, chat format %s) in %.2fs",
+            model_id, info.path, self.n_ctx, options.n_gpu_layers, self.formatter.name,
+            self.load_seconds,
+        )
+
+    # --- prompts ------------------------------------------------------------------
+
+    def _tokenize(self, text: str) -> list[int]:
+        tokens: list[int] = self._llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        return tokens
+
+    def _chat_tokens(self, messages: Sequence[dict[str, Any]]) -> tuple[list[int], tuple[str, ...]]:
+        try:
+            prompt = self.formatter.render(messages)
+        except ChatFormatError as exc:
+            raise EngineError(str(exc)) from exc
+        return self._tokenize(prompt.text), prompt.stop
+
+    def _stop_tokens(self, stops: tuple[str, ...]) -> tuple[frozenset[int], tuple[str, ...]]:
+        """Split end-of-turn markers into special-token ids and plain stop strings.
+
+        Control tokens render as nothing, so a marker that is one special token can only be
+        caught by its id.
+        """
+        cached = self._stop_cache.get(stops)
+        if cached is not None:
+            return cached
+        ids: set[int] = set()
+        texts: list[str] = []
+        for s in stops:
+            toks = self._llm.tokenize(s.encode("utf-8"), add_bos=False, special=True)
+            if len(toks) == 1 and self._lib.llama_vocab_is_control(self._vocab, toks[0]):
+                ids.add(toks[0])
+            else:
+                texts.append(s)
+        self._stop_cache[stops] = (frozenset(ids), tuple(texts))
+        return self._stop_cache[stops]
+
+    def count_chat_tokens(self, messages: Sequence[dict[str, Any]]) -> int:
+        return len(self._chat_tokens(messages)[0])
+
+    # --- generation ---------------------------------------------------------------
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        params: SamplingParams,
+        result: GenerationResult,
+        cancel: threading.Event,
+    ) -> Iterator[str]:
+        tokens, template_stops = self._chat_tokens(messages)
+        return self._generate(tokens, params, template_stops, result, cancel, "messages")
+
+    def complete(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        result: GenerationResult,
+        cancel: threading.Event,
+    ) -> Iterator[str]:
+        return self._generate(self._tokenize(prompt), params, (), result, cancel, "prompt")
+
+    def _budget(self, n_prompt: int, max_tokens: int | None, param: str) -> int:
+        left = self.n_ctx - n_prompt
+        if left <= 0:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.n_ctx} tokens, but the prompt "
+                f"has {n_prompt} tokens. Shorten the {param}.",
+                param,
+            )
+        return left if max_tokens is None else min(max_tokens, left)
+
+    def _generate(
+        self,
+        tokens: list[int],
+        params: SamplingParams,
+        template_stops: tuple[str, ...],
+        result: GenerationResult,
+        cancel: threading.Event,
+        param: str,
+    ) -> Iterator[str]:
+        budget = self._budget(len(tokens), params.max_tokens, param)
+        result.prompt_tokens = len(tokens)
+        return self._stream(tokens, params, template_stops, budget, result, cancel)
+
+    def _stream(
+        self,
+        tokens: list[int],
+        params: SamplingParams,
+        template_stops: tuple[str, ...],
+        budget: int,
+        result: GenerationResult,
+        cancel: threading.Event,
+    ) -> Iterator[str]:
+        llm, lib, vocab, buf = self._llm, self._lib, self._vocab, self._piece_buf
+        stop_ids, template_texts = self._stop_tokens(template_stops)
+        stops = StopMatcher(tuple(params.stop) + template_texts)
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        seed = params.seed if params.seed is not None else random.getrandbits(31)
+        llm.set_seed(seed)
+        if budget == 0:
+            result.finish_reason = FINISH_LENGTH
+            return
+        gen = llm.generate(
+            tokens,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=params.min_p,
+            temp=params.temperature,
+            repeat_penalty=params.repeat_penalty,
+            frequency_penalty=params.frequency_penalty,
+            presence_penalty=params.presence_penalty,
+        )
+        finish = FINISH_LENGTH
+        produced = 0
+        try:
+            for token in gen:
+                if cancel.is_set():
+                    finish = FINISH_CANCELLED
+                    break
+                if token in stop_ids or lib.llama_vocab_is_eog(vocab, token):
+                    finish = FINISH_STOP
+                    break
+                produced += 1
+                result.completion_tokens = produced
+                n = lib.llama_token_to_piece(vocab, token, buf, 256, 0, False)
+                if n > 0:
+                    text = decoder.decode(buf.raw[:n])
+                    if text:
+                        out = stops.feed(text)
+                        if out:
+                            yield out
+                        if stops.stopped:
+                            finish = FINISH_STOP
+                            break
+                if produced >= budget:
+                    break
+                if cancel.is_set():
+                    finish = FINISH_CANCELLED
+                    break
+        finally:
+            gen.close()
+            result.finish_reason = finish
+        if finish != FINISH_CANCELLED and not stops.stopped:
+            tail = stops.feed(decoder.decode(b"", final=True)) + stops.flush()
+            if tail:
+                yield tail
+
+    # --- embeddings ---------------------------------------------------------------
+
+    def _embedding_context(self) -> tuple[Any, Any, int]:
+        if self._embed_ctx is None:
+            from llama_cpp import _internals as internals
+
+            lib = self._lib
+            n = min(self.n_ctx, EMBED_CTX_MAX)
+            params = lib.llama_context_default_params()
+            params.n_ctx = n
+            params.n_batch = n
+            params.n_ubatch = n
+            params.n_seq_max = 1
+            params.embeddings = True
+            params.pooling_type = lib.LLAMA_POOLING_TYPE_MEAN
+            threads = self.options.n_threads or self._llm.context_params.n_threads
+            params.n_threads = threads
+            params.n_threads_batch = threads
+            self._embed_ctx = internals.LlamaContext(
+                model=self._llm._model, params=params, verbose=False
+            )
+            self._embed_batch = internals.LlamaBatch(n_tokens=n, embd=0, n_seq_max=1,
+                                                     verbose=False)
+            self._embed_n = n
+        return self._embed_ctx, self._embed_batch, self._embed_n
+
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        ctx, batch, limit = self._embedding_context()
+        n_embd = self._llm.n_embd()
+        vectors: list[list[float]] = []
+        total = 0
+        for i, text in enumerate(texts):
+            tokens = self._tokenize(text)
+            if len(tokens) > limit:
+                raise ContextLengthError(
+                    f"input[{i}] has {len(tokens)} tokens; embeddings take at most {limit}",
+                    "input",
+                )
+            total += len(tokens)
+            ctx.kv_cache_clear()
+            batch.reset()
+            batch.add_sequence(tokens, 0, True)
+            ctx.decode(batch)
+            raw = self._lib.llama_get_embeddings_seq(ctx.ctx, 0)
+            vec = [float(x) for x in raw[:n_embd]]
+            norm = math.sqrt(sum(x * x for x in vec)) or 1.0
+            vectors.append([x / norm for x in vec])
+        ctx.kv_cache_clear()
+        return Embeddings(vectors, total)
+
+    # --- facts and lifecycle --------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model": self.model_id,
+            "path": self.path,
+            "n_ctx": self.n_ctx,
+            "n_gpu_layers": self.options.n_gpu_layers,
+            "n_threads": self._llm.context_params.n_threads,
+            "chat_format": self.formatter.name,
+            "n_embd": self._llm.n_embd(),
+            "n_params": self._llm._model.n_params(),
+            "model_bytes": self._llm._model.size(),
+            "load_seconds": round(self.load_seconds, 3),
+        }
+
+    def close(self) -> None:
+        """Free the weights and contexts now (not at some later garbage collection)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._embed_batch is not None:
+            self._embed_batch.close()
+        if self._embed_ctx is not None:
+            self._embed_ctx.close()
+        self._embed_ctx = self._embed_batch = None
+        self._llm.close()
+        del self._llm
+        gc.collect()

@@ -1,0 +1,67 @@
+"""``python -m mloffload.server`` / ``ml-offload-server``: start the API."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from ..catalog import CatalogError
+from ..config import ConfigError, Settings, load_settings
+from ..logs import setup_logging
+
+log = logging.getLogger("mloffload.server")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(settings: Settings) -> None:
+    """Refuse a non-loopback bind without an API key, unless explicitly allowed."""
+    if is_loopback(settings.host) or settings.api_key or settings.allow_unauthenticated:
+        return
+    raise ConfigError(
+        f"refusing to listen on {settings.host} without an API key: anyone who can reach "
+        "this address could use the model. Set ML_OFFLOAD_API_KEY (or --api-key-file), "
+        "bind 127.0.0.1, or pass --allow-unauthenticated true if you really mean it."
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = load_settings(sys.argv[1:] if argv is None else argv)
+        check_bind(settings)
+    except ConfigError as exc:
+        print(f"ml-offload: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, settings.log_json)
+    from ..catalog import open_registry
+    from .app import create_app
+
+    try:
+        registry = open_registry(settings)
+    except CatalogError as exc:
+        print(f"ml-offload: {exc}", file=sys.stderr)
+        return 1
+    try:
+        app = create_app(settings, registry)
+        log.info("ml-offload %s backend, default model %s, listening on http://%s:%d",
+                 settings.backend, registry.default_id(), settings.host, settings.port)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
+                    access_log=False, timeout_graceful_shutdown=5)
+    finally:
+        registry.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

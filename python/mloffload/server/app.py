@@ -1,0 +1,72 @@
+"""``create_app()``: the FastAPI application, its state built in a lifespan (no module globals)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+
+from .. import __version__
+from ..catalog import open_registry
+from ..config import Settings
+from ..gpu import GPUProbe
+from ..registry import Registry
+from .backend import Backend
+from .errors import install_error_handlers
+from .guard import Guard
+from .routes import router
+from .stats import Stats
+
+
+def make_backend(settings: Settings, registry: Registry, gpu: GPUProbe, stats: Stats) -> Backend:
+    if settings.backend == "llama-server":
+        from .upstream import UpstreamBackend
+
+        upstream: Backend = UpstreamBackend(settings, registry, stats)
+        return upstream
+    from .local import LocalBackend
+    from .manager import ModelManager
+
+    return LocalBackend(settings, ModelManager(settings, registry, gpu, stats), stats)
+
+
+def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
+    """Build the app. ``registry`` may be passed in (tests, or a caller that already scanned)."""
+    gpu = GPUProbe()
+    stats = Stats(gpu.snapshot)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reg = registry if registry is not None else open_registry(settings)
+        backend = make_backend(settings, reg, gpu, stats)
+        app.state.settings = settings
+        app.state.registry = reg
+        app.state.gpu = gpu
+        app.state.stats = stats
+        app.state.backend = backend
+        app.state.started_at = time.time()
+        await backend.startup()
+        try:
+            yield
+        finally:
+            await backend.shutdown()
+            if registry is None:
+                reg.close()
+
+    app = FastAPI(
+        title="ml-offload",
+        version=__version__,
+        summary="OpenAI-compatible API on llama.cpp, with GPU offload and model lifecycle",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(router)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(Guard, api_key=settings.api_key, max_body=settings.max_body, stats=stats)
+    return app

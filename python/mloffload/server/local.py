@@ -1,0 +1,365 @@
+"""The in-process backend: requests run on llama.cpp through the model manager."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from ..config import Settings
+from ..engine.base import (
+    FINISH_CANCELLED,
+    ContextLengthError,
+    Embeddings,
+    EngineError,
+    GenerationResult,
+)
+from .backend import ClientGone, unless_disconnected
+from .errors import APIError, error_body
+from .manager import Lease, ModelManager, parse_keep_alive
+from .pipe import TokenPipe, pump
+from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .sse import DONE, ChunkTemplate, event
+from .stats import Stats
+
+log = logging.getLogger("mloffload.server")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def engine_api_error(exc: BaseException) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ContextLengthError):
+        return APIError(400, str(exc), code="context_length_exceeded", param=exc.param)
+    if isinstance(exc, EngineError):
+        return APIError(500, f"Generation failed: {exc}", code="engine_error")
+    log.error("engine failure: %r", exc)
+    return APIError(500, f"Generation failed ({type(exc).__name__}); the server keeps serving.",
+                    code="internal_error")
+
+
+class Job:
+    """One request's work on a model's worker thread, and its bookkeeping."""
+
+    def __init__(self, backend: LocalBackend, lease: Lease, started: float) -> None:
+        self.backend = backend
+        self.lease = lease
+        self.started = started
+        self.cancel = threading.Event()
+        self.result = GenerationResult()
+        self.disconnected = False
+        self.timed_out = False
+        self.loop = asyncio.get_running_loop()
+        self._timer = self.loop.call_later(backend.settings.request_timeout, self._on_timeout)
+        backend.stats.begin()
+
+    def _on_timeout(self) -> None:
+        self.timed_out = True
+        self.cancel.set()
+
+    def client_left(self) -> None:
+        self.disconnected = True
+        self.cancel.set()
+
+    def run(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
+        fut = self.loop.run_in_executor(self.lease.model.executor, fn)
+        fut.add_done_callback(self._done)
+        return fut
+
+    def _done(self, fut: Future[Any] | asyncio.Future[Any]) -> None:
+        self._timer.cancel()
+        self.lease.release()
+        error = fut.exception() if not fut.cancelled() else None
+        if error is None and isinstance(fut.result(), BaseException):
+            error = fut.result()
+        r = self.result
+        if self.disconnected and (r.finish_reason in (None, FINISH_CANCELLED)):
+            outcome = "cancelled"
+        elif error is not None or self.timed_out:
+            outcome = "failed"
+        else:
+            outcome = "completed"
+        self.backend.stats.end(outcome, r.prompt_tokens, r.completion_tokens)
+
+
+class LocalBackend:
+    name = "llamacpp"
+
+    def __init__(self, settings: Settings, manager: ModelManager, stats: Stats) -> None:
+        self.settings = settings
+        self.manager = manager
+        self.stats = stats
+        self._preload: asyncio.Task[Any] | None = None
+
+    async def startup(self) -> None:
+        default = self.manager.registry.default_id()
+        if default is not None:
+            self._preload = asyncio.get_running_loop().create_task(self._preload_default(default))
+
+    async def _preload_default(self, model_id: str) -> None:
+        try:
+            await self.manager.load(model_id)
+        except APIError as exc:
+            log.error("preloading the default model failed: %s", exc.message)
+
+    async def shutdown(self) -> None:
+        if self._preload is not None:
+            self._preload.cancel()
+        await self.manager.close()
+
+    # --- admission --------------------------------------------------------------------
+
+    async def _lease(self, request: Request, model: str, keep_alive: Any) -> Lease:
+        ka = parse_keep_alive(keep_alive)
+        try:
+            return await unless_disconnected(request, self.manager.acquire(model, ka))
+        except APIError as exc:
+            self.stats.record("rejected" if exc.status == 429 else "failed")
+            raise
+        except ClientGone:
+            self.stats.record("cancelled")
+            raise
+
+    # --- generation -----------------------------------------------------------------------
+
+    async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
+        messages = req.message_dicts()
+        params = req.sampling()
+
+        def start(job: Job) -> Callable[[], Iterator[str]]:
+            engine = job.lease.model.engine
+            return lambda: engine.chat(messages, params, job.result, job.cancel)
+
+        return await self._generate(request, req, start, chat=True)
+
+    async def completion(self, req: CompletionRequest, request: Request) -> Response:
+        prompt = req.prompt_text
+        params = req.sampling()
+
+        def start(job: Job) -> Callable[[], Iterator[str]]:
+            engine = job.lease.model.engine
+            return lambda: engine.complete(prompt, params, job.result, job.cancel)
+
+        return await self._generate(request, req, start, chat=False)
+
+    async def _generate(
+        self,
+        request: Request,
+        req: ChatCompletionRequest | CompletionRequest,
+        start: Callable[[Job], Callable[[], Iterator[str]]],
+        *,
+        chat: bool,
+    ) -> Response:
+        t0 = time.monotonic()
+        lease = await self._lease(request, req.model, req.keep_alive)
+        job = Job(self, lease, t0)
+        pipe = TokenPipe(job.loop)
+        starter = start(job)
+        job.run(lambda: pump(starter, pipe))
+        try:
+            await unless_disconnected(request, pipe.started())
+        except ClientGone:
+            job.client_left()
+            raise
+        except BaseException as exc:
+            raise engine_api_error(exc) from None
+        cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        if req.stream:
+            tpl = ChunkTemplate(obj="chat.completion.chunk" if chat else "text_completion",
+                                cid=cid, created=created, model=req.model, chat=chat,
+                                include_usage=req.include_usage)
+            route = "/v1/chat/completions" if chat else "/v1/completions"
+            return StreamingResponse(self._sse(job, pipe, tpl, route),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        try:
+            text = await unless_disconnected(request, _collect(pipe))
+        except ClientGone:
+            job.client_left()
+            raise
+        except BaseException as exc:
+            raise engine_api_error(exc) from None
+        if job.timed_out:
+            raise APIError(504, f"The request ran longer than {self.settings.request_timeout:g}s "
+                           "and was stopped.", code="request_timeout")
+        r = job.result
+        finish = r.finish_reason or "stop"
+        usage = {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+                 "total_tokens": r.prompt_tokens + r.completion_tokens}
+        if chat:
+            body: dict[str, Any] = {
+                "id": cid, "object": "chat.completion", "created": created, "model": req.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": None, "finish_reason": finish}],
+                "usage": usage, "system_fingerprint": None,
+            }
+        else:
+            if isinstance(req, CompletionRequest) and req.echo:
+                text = req.prompt_text + text
+            body = {
+                "id": cid, "object": "text_completion", "created": created, "model": req.model,
+                "choices": [{"index": 0, "text": text, "logprobs": None,
+                             "finish_reason": finish}],
+                "usage": usage,
+            }
+        return json_response(body)
+
+    async def _sse(self, job: Job, pipe: TokenPipe, tpl: ChunkTemplate,
+                   route: str) -> AsyncIterator[bytes]:
+        finished = False
+        try:
+            if tpl.chat:
+                yield tpl.role()
+            first = True
+            while True:
+                try:
+                    text = await pipe.next_batch()
+                except BaseException as exc:
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    err = engine_api_error(exc)
+                    yield event(error_body(err.message, err.type, err.param, err.code))
+                    yield DONE
+                    finished = True
+                    return
+                if text is None:
+                    break
+                if first:
+                    self.stats.ttft.labels(route).observe(time.monotonic() - job.started)
+                    first = False
+                yield tpl.text(text)
+            r = job.result
+            if job.timed_out:
+                msg = (f"The request ran longer than {self.settings.request_timeout:g}s "
+                       "and was stopped.")
+                yield event(error_body(msg, "timeout_error", None, "request_timeout"))
+            else:
+                yield tpl.finish(r.finish_reason or "stop")
+            if tpl.include_usage:
+                yield tpl.usage(r.prompt_tokens, r.completion_tokens)
+            yield DONE
+            finished = True
+        finally:
+            if not finished:
+                job.client_left()
+
+    # --- embeddings -------------------------------------------------------------------------
+
+    async def embeddings(self, req: EmbeddingRequest, request: Request) -> Response:
+        inputs = req.inputs
+        lease = await self._lease(request, req.model, req.keep_alive)
+        info = lease.model.entry.info
+        n_embd = info.embedding_length if info else 0
+        if req.dimensions is not None and req.dimensions != n_embd:
+            lease.release()
+            self.stats.record("failed")
+            raise APIError(400, f"This model's embeddings have {n_embd} dimensions; "
+                           f"'dimensions' = {req.dimensions} is not supported.",
+                           param="dimensions", code="invalid_value")
+        job = Job(self, lease, time.monotonic())
+        engine = lease.model.engine
+
+        def work() -> Embeddings | BaseException:
+            try:
+                out = engine.embed(inputs)
+            except BaseException as exc:  # handed back to the event loop as a value
+                return exc
+            job.result.prompt_tokens = out.prompt_tokens
+            return out
+
+        try:
+            out = await unless_disconnected(request, job.run(work))
+        except ClientGone:
+            job.client_left()
+            raise
+        if isinstance(out, BaseException):
+            raise engine_api_error(out)
+        data = []
+        for i, vec in enumerate(out.vectors):
+            emb: Any = vec
+            if req.encoding_format == "base64":
+                emb = base64.b64encode(np.asarray(vec, dtype=np.float32).tobytes()).decode()
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        return json_response({
+            "object": "list", "data": data, "model": req.model,
+            "usage": {"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens},
+        })
+
+    # --- facts ---------------------------------------------------------------------------
+
+    async def models(self) -> dict[str, Any]:
+        loaded = set(self.manager.loaded)
+        data = []
+        for e in self.manager.registry.list():
+            meta = e.summary()
+            meta["loaded"] = e.id in loaded
+            data.append({"id": e.id, "object": "model", "created": int(e.mtime),
+                         "owned_by": "ml-offload", "meta": meta})
+        return {"object": "list", "data": data}
+
+    async def health(self) -> tuple[bool, str, dict[str, Any]]:
+        facts = self.manager.facts
+        if not facts.get("available"):
+            reason = str(facts.get("reason"))
+            return False, reason, {"available": False, "ready": False, "details": reason}
+        loading = self.manager.loading()
+        if loading:
+            details = f"loading model {', '.join(loading)}"
+            return False, details, {"available": True, "ready": False, "details": details}
+        loaded = list(self.manager.loaded)
+        if loaded:
+            details = f"llama.cpp in-process is ready; loaded: {', '.join(loaded)}"
+        else:
+            details = "llama.cpp in-process is ready; models load on demand"
+            if self.manager.last_load_error:
+                details += f" (last load failed: {self.manager.last_load_error})"
+        return True, "", {"available": True, "ready": True, "details": details}
+
+    async def info(self) -> dict[str, Any]:
+        default_id = self.manager.registry.default_id()
+        default = self.manager.registry.get(default_id) if default_id else None
+        loaded = [m.status() for m in self.manager.loaded.values()]
+        plan = None
+        if default is not None and default.usable:
+            plan = self.manager.plan(default).to_dict()
+        return {
+            "backend": self.name,
+            "engine": self.manager.facts,
+            "default_model": default.summary() if default else None,
+            "default_plan": plan,
+            "loaded_models": loaded,
+            "settings": {
+                "n_ctx": self.settings.n_ctx,
+                "n_gpu_layers": "auto" if self.settings.n_gpu_layers is None
+                else self.settings.n_gpu_layers,
+                "threads": self.settings.effective_threads,
+                "max_loaded": self.settings.max_loaded,
+                "keep_alive_seconds": self.settings.keep_alive,
+            },
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {"loaded_models": self.manager.status(), "loading": self.manager.loading()}
+
+
+async def _collect(pipe: TokenPipe) -> str:
+    parts = []
+    while (text := await pipe.next_batch()) is not None:
+        parts.append(text)
+    return "".join(parts)

@@ -1,0 +1,178 @@
+"""HTTP routes. Handlers stay thin: the backend does the work, ``app.state`` holds the parts."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from .. import __version__
+from .backend import Backend
+from .errors import APIError, error_body
+from .local import LocalBackend, json_response
+from .schemas import (
+    ERROR_RESPONSES,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    EmbeddingList,
+    EmbeddingRequest,
+    ModelCard,
+    ModelList,
+)
+
+router = APIRouter()
+
+ENDPOINTS = [
+    "GET /", "GET /health", "GET /api/health", "GET /api/backend/info", "GET /v1/models",
+    "GET /v1/models/{model}", "POST /v1/chat/completions", "POST /v1/completions",
+    "POST /v1/embeddings", "GET /vram", "GET /status", "GET /metrics",
+    "POST /api/models/{model}/load", "POST /api/models/{model}/unload", "GET /openapi.json",
+]
+_SSE_DOC = {"text/event-stream": {"schema": {"type": "string"},
+                                  "description": "with \"stream\": true"}}
+
+
+def backend_of(request: Request) -> Backend:
+    backend: Backend = request.app.state.backend
+    return backend
+
+
+@router.get("/", summary="What this server is")
+async def root(request: Request) -> Response:
+    return json_response({
+        "name": "ml-offload",
+        "version": __version__,
+        "backend": backend_of(request).name,
+        "endpoints": ENDPOINTS,
+        "docs": "/docs",
+    })
+
+
+@router.get("/health", summary="Readiness: 200 when ready, 503 with the reason otherwise",
+            responses={503: ERROR_RESPONSES[503]})
+async def health(request: Request) -> Response:
+    ready, reason, _ = await backend_of(request).health()
+    if ready:
+        return json_response({"status": "ok"})
+    code = "model_loading" if reason.startswith("loading") else "backend_unavailable"
+    body = error_body(reason, "service_unavailable_error", None, code)
+    body["status"] = "loading" if code == "model_loading" else "unavailable"
+    return json_response(body, status=503)
+
+
+@router.get("/api/health", summary="Health of each backend (the seed's shape)")
+async def api_health(request: Request) -> Response:
+    backend = backend_of(request)
+    ready, _, detail = await backend.health()
+    status = "healthy" if ready else ("loading" if detail.get("available") else "unhealthy")
+    return json_response({"status": status, "backend": backend.name,
+                          "backends": {"llamacpp": detail}})
+
+
+@router.get("/api/backend/info", summary="Engine facts and default/loaded model details")
+async def backend_info(request: Request) -> Response:
+    return json_response(await backend_of(request).info())
+
+
+@router.get("/v1/models", summary="Models in the registry", responses={200: {"model": ModelList}})
+async def list_models(request: Request) -> Response:
+    return json_response(await backend_of(request).models())
+
+
+@router.get("/v1/models/{model:path}", summary="One model",
+            responses={200: {"model": ModelCard}, 404: ERROR_RESPONSES[404]})
+async def get_model(model: str, request: Request) -> Response:
+    listing = await backend_of(request).models()
+    for card in listing["data"]:
+        if card["id"] == model or model in (card.get("meta") or {}).get("aliases", []):
+            return json_response(card)
+    from .errors import model_not_found
+
+    raise model_not_found(model)
+
+
+def _note_model(request: Request, model: str) -> None:
+    request.state.model = model
+
+
+@router.post("/v1/chat/completions", summary="Chat completion (stream with \"stream\": true)",
+             responses={200: {"model": ChatCompletion, "content": _SSE_DOC}, **ERROR_RESPONSES})
+async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+    _note_model(request, req.model)
+    return await backend_of(request).chat(req, request)
+
+
+@router.post("/v1/completions", summary="Text completion (stream with \"stream\": true)",
+             responses={200: {"model": Completion, "content": _SSE_DOC}, **ERROR_RESPONSES})
+async def completions(req: CompletionRequest, request: Request) -> Response:
+    _note_model(request, req.model)
+    return await backend_of(request).completion(req, request)
+
+
+@router.post("/v1/embeddings", summary="Embeddings: one mean-pooled vector per input",
+             responses={200: {"model": EmbeddingList}, **ERROR_RESPONSES})
+async def embeddings(req: EmbeddingRequest, request: Request) -> Response:
+    _note_model(request, req.model)
+    return await backend_of(request).embeddings(req, request)
+
+
+@router.get("/vram", summary="GPU memory: total, used, free (GB) and per-GPU detail")
+async def vram(request: Request) -> Response:
+    return json_response(request.app.state.gpu.snapshot().to_dict())
+
+
+@router.get("/status", summary="Uptime, loaded models, request counters, GPU summary")
+async def status(request: Request) -> Response:
+    state = request.app.state
+    backend = backend_of(request)
+    snap = state.gpu.snapshot().to_dict()
+    gpu: dict[str, Any] = {k: v for k, v in snap.items() if k != "gpus"}
+    gpu["gpus"] = [{k: g[k] for k in ("index", "name", "total_gb", "used_gb", "free_gb")}
+                   for g in snap.get("gpus", [])]
+    return json_response({
+        "version": __version__,
+        "uptime_seconds": round(time.time() - state.started_at, 1),
+        "backend": backend.name,
+        **backend.status(),
+        "requests": state.stats.status(),
+        "gpu": gpu,
+    })
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.stats.exposition(),
+                    media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _local(request: Request) -> LocalBackend:
+    backend = backend_of(request)
+    if not isinstance(backend, LocalBackend):
+        raise APIError(400, "Loading and unloading are managed by llama-server in this mode.",
+                       code="unsupported_backend")
+    return backend
+
+
+@router.post("/api/models/{model}/load", summary="Load a model now (and plan its offload)",
+             responses={404: ERROR_RESPONSES[404], 503: ERROR_RESPONSES[503]})
+async def load_model(model: str, request: Request) -> Response:
+    loaded = await _local(request).manager.load(model)
+    return json_response({"loaded": True, **loaded.status()})
+
+
+@router.post("/api/models/{model}/unload", summary="Unload a model and free its memory",
+             responses={404: ERROR_RESPONSES[404]})
+async def unload_model(model: str, request: Request) -> Response:
+    manager = _local(request).manager
+    entry = manager.resolve(model)
+    if entry.id not in manager.loaded:
+        return json_response({"unloaded": False, "id": entry.id, "reason": "not loaded"})
+    if not await manager.unload(entry.id, reason="requested"):
+        raise APIError(409, f"Model {entry.id!r} is busy; try again when its requests finish.",
+                       code="model_busy", type="conflict_error")
+    return json_response({"unloaded": True, "id": entry.id})

@@ -1,0 +1,239 @@
+"""Request and response shapes of the OpenAI-compatible endpoints (and /openapi.json)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..engine.base import SamplingParams
+
+MAX_MESSAGES = 2048
+MAX_STOP = 16
+MAX_STOP_LEN = 256
+MAX_EMBED_INPUTS = 2048
+MAX_MODEL_NAME = 256
+
+ModelName = Annotated[str, Field(min_length=1, max_length=MAX_MODEL_NAME)]
+KeepAlive = Annotated[
+    str | float | None,
+    Field(description="Unload the model this long after the response (0: right away; "
+          "negative: never); a duration like '5m' or seconds. Default: the server's."),
+]
+
+
+class _Lenient(BaseModel):
+    # Unknown OpenAI fields (user, logit_bias, ...) are accepted and ignored.
+    model_config = ConfigDict(extra="allow")
+
+
+class TextPart(_Lenient):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class _Sampling(_Lenient):
+    model: ModelName = "default"
+    temperature: float = Field(0.8, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(40, ge=0, le=1000)
+    min_p: float = Field(0.05, ge=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repeat_penalty: float = Field(1.0, ge=0.0, le=10.0)
+    max_tokens: int | None = Field(None, ge=1, description="capped by the context left")
+    stop: str | list[Annotated[str, Field(max_length=MAX_STOP_LEN)]] | None = Field(
+        None, max_length=MAX_STOP
+    )
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    keep_alive: KeepAlive = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_len(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, str) and len(v) > MAX_STOP_LEN:
+            raise ValueError(f"a stop string may have at most {MAX_STOP_LEN} characters")
+        return v
+
+    def sampling(self, max_tokens: int | None = None) -> SamplingParams:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            max_tokens=self.max_tokens if self.max_tokens is not None else max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repeat_penalty=self.repeat_penalty,
+            stop=stop,
+            seed=None if self.seed is None else self.seed % (2**32 - 1),
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def sampling(self, max_tokens: int | None = None) -> SamplingParams:
+        return super().sampling(self.max_completion_tokens or max_tokens)
+
+    def message_dicts(self) -> list[dict[str, Any]]:
+        return [m.model_dump(exclude_none=True) for m in self.messages]
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] = Field(..., description="one prompt (a list of one is accepted)")
+    max_tokens: int | None = Field(16, ge=1, description="capped by the context left")
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and len(v) != 1:
+            raise ValueError("exactly one prompt per request is supported")
+        return v
+
+    @property
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class EmbeddingRequest(_Lenient):
+    model: ModelName = "default"
+    input: str | list[str] = Field(..., description="a string or a list of strings")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    keep_alive: KeepAlive = None
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, v: str | list[str]) -> str | list[str]:
+        items = [v] if isinstance(v, str) else v
+        if not items:
+            raise ValueError("at least one input is required")
+        if len(items) > MAX_EMBED_INPUTS:
+            raise ValueError(f"at most {MAX_EMBED_INPUTS} inputs per request")
+        if any(not s for s in items):
+            raise ValueError("inputs must not be empty strings")
+        return v
+
+    @property
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+# --- responses (documentation in /openapi.json; handlers build plain dicts) ---------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class EmbeddingItem(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"]
+    data: list[EmbeddingItem]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    meta: dict[str, Any] | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": desc}
+    for status, desc in {
+        400: "invalid request (validation, context length)",
+        401: "missing or wrong API key",
+        404: "unknown model",
+        413: "request body too large",
+        415: "body is not JSON",
+        429: "queue full (see Retry-After)",
+        500: "internal error",
+        503: "model loading or backend unavailable",
+    }.items()
+}

@@ -1,0 +1,110 @@
+"""Test helpers: real server processes on free ports, and small HTTP/SSE utilities."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """``python -m mloffload.server`` in a subprocess, on a free port, logs in a file."""
+
+    def __init__(self, data_dir: Path, args: Sequence[str] = (),
+                 env: Mapping[str, str] | None = None, port: int | None = None,
+                 module: str = "mloffload.server") -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = data_dir / f"server-{self.port}.log"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("ML_OFFLOAD_")}
+        full_env.update({"ML_OFFLOAD_DATA_DIR": str(data_dir), "ML_OFFLOAD_PORT": str(self.port),
+                         "PYTHONUNBUFFERED": "1"})
+        full_env.update(env or {})
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            env=full_env, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(REPO),
+        )
+
+    def wait_ready(self, timeout: float = 120.0, path: str = "/health",
+                   headers: Mapping[str, str] | None = None) -> ServerProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + path, timeout=2, headers=headers).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def rss(self) -> int:
+        import psutil
+
+        return int(psutil.Process(self.proc.pid).memory_info().rss)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def sse_events(response: httpx.Response) -> Iterator[Any]:
+    """Parse an SSE body into JSON objects; the literal [DONE] comes back as the string."""
+    for line in response.iter_lines():
+        if not line.startswith("data: "):
+            continue
+        payload = line[len("data: "):]
+        yield payload if payload == "[DONE]" else json.loads(payload)
+
+
+def assert_openai_error(response: httpx.Response, status: int, code: str | None = None,
+                        type_: str | None = None, param: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, (response.status_code, response.text)
+    body = response.json()
+    assert set(body) >= {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"], err
+    assert "Traceback" not in err["message"]
+    if code is not None:
+        assert err["code"] == code, err
+    if type_ is not None:
+        assert err["type"] == type_, err
+    if param is not None:
+        assert err["param"] == param, err
+    return dict(err)
