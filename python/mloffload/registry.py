@@ -126,8 +126,8 @@ class Registry:
         with self._lock:
             rows = self._db.execute("SELECT id, path FROM models WHERE source = 'scan'").fetchall()
             for model_id, path in rows:
-                inside = any(Path(path).is_relative_to(d) for d in scanned_dirs)
-                if path not in seen and (inside or not Path(path).exists()):
+                # Gone from disk, or its folder is no longer configured.
+                if path not in seen:
                     self._db.execute("DELETE FROM models WHERE id = ?", (model_id,))
                     counts["removed"] += 1
             self._reload()

@@ -81,10 +81,13 @@ def model_not_found(name: str) -> APIError:
     )
 
 
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+
+
 def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     # Pydantic adds the union member's type name to the location; users want the field.
-    parts = [p for p in parts if not p.startswith(("function-", "list[", "str", "int", "float"))]
+    parts = [p for p in parts if p not in _UNION_TAGS and "[" not in p]
     if not parts:
         return None
     out = parts[0]

@@ -1,0 +1,7 @@
+"""``python -m mloffload``: see mloffload.cli."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
