@@ -1,0 +1,90 @@
+"""Configuration: CLI > environment > TOML file > defaults, and what --help says."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mloffload.config import (
+    OPTIONS,
+    ConfigError,
+    Settings,
+    load_settings,
+    parse_duration,
+    parse_size,
+)
+from mloffload.server.__main__ import check_bind
+
+
+def test_defaults_need_no_configuration() -> None:
+    s = load_settings([], environ={})
+    assert s == Settings()
+    assert (s.host, s.port, s.n_gpu_layers, s.max_loaded) == ("127.0.0.1", 9000, None, 1)
+    assert s.data_dir.name == "ml-offload"
+
+
+def test_precedence_cli_env_file_defaults(tmp_path: Path) -> None:
+    toml = tmp_path / "ml.toml"
+    toml.write_text('port = 9100\nn_ctx = 1024\nthreads = 3\nmodels_dir = ["/a", "/b"]\n'
+                    'keep_alive = "10m"\n')
+    env = {"ML_OFFLOAD_CONFIG": str(toml), "ML_OFFLOAD_PORT": "9200", "ML_OFFLOAD_N_CTX": "2048"}
+    s = load_settings(["--port", "9300"], environ=env)
+    assert s.port == 9300  # CLI
+    assert s.n_ctx == 2048  # env over file
+    assert s.threads == 3  # file over default
+    assert s.models_dir == (Path("/a"), Path("/b"))
+    assert s.keep_alive == 600
+    assert s.max_queue == 64  # default
+
+
+def test_env_lists_sizes_durations_and_layers() -> None:
+    s = load_settings([], environ={"ML_OFFLOAD_MODELS_DIR": "/x:/y", "ML_OFFLOAD_VRAM_MARGIN":
+                                   "1GiB", "ML_OFFLOAD_KEEP_ALIVE": "-1",
+                                   "ML_OFFLOAD_N_GPU_LAYERS": "12"})
+    assert s.models_dir == (Path("/x"), Path("/y"))
+    assert s.vram_margin == 1024**3 and s.keep_alive == -1 and s.n_gpu_layers == 12
+    assert parse_duration("1h30m") == 5400 and parse_duration("250ms") == 0.25
+    assert parse_size("512MiB") == 512 * 1024**2 and parse_size("8G") == 8 * 1024**3
+
+
+def test_api_key_file(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    assert load_settings(["--api-key-file", str(key)], environ={}).api_key == "s3cret"
+
+
+@pytest.mark.parametrize("env", [
+    {"ML_OFFLOAD_PORT": "http"}, {"ML_OFFLOAD_PORT": "70000"},
+    {"ML_OFFLOAD_N_GPU_LAYERS": "lots"}, {"ML_OFFLOAD_KEEP_ALIVE": "a while"},
+    {"ML_OFFLOAD_BACKEND": "ollama"}, {"ML_OFFLOAD_CONFIG": "/nonexistent.toml"},
+])
+def test_bad_values_are_clear_errors(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError):
+        load_settings([], environ=env)
+
+
+def test_unknown_file_key(tmp_path: Path) -> None:
+    toml = tmp_path / "ml.toml"
+    toml.write_text("prot = 1\n")
+    with pytest.raises(ConfigError, match="unknown setting 'prot'"):
+        load_settings(["--config", str(toml)], environ={})
+
+
+def test_help_documents_every_option() -> None:
+    out = subprocess.run([sys.executable, "-m", "mloffload.server", "--help"], text=True,
+                         capture_output=True, timeout=60)
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for opt in OPTIONS:
+        assert opt.flag in text and opt.env in text, opt.name
+
+
+def test_public_bind_needs_a_key() -> None:
+    with pytest.raises(ConfigError, match="API key"):
+        check_bind(Settings(host="0.0.0.0"))
+    check_bind(Settings(host="0.0.0.0", api_key="k"))
+    check_bind(Settings(host="0.0.0.0", allow_unauthenticated=True))
+    check_bind(Settings(host="::1"))

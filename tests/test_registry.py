@@ -1,0 +1,165 @@
+"""The GGUF registry, the embedded default, and the `models`/`plan` commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mloffload.catalog import CatalogError, open_registry
+from mloffload.config import settings_from
+from mloffload.gguf_info import GGUFError, read_gguf_info
+from mloffload.registry import Registry
+
+
+def test_header_matches_gguf_package(model_path: Path) -> None:
+    """Our fast header walk agrees with the gguf package's own reader."""
+    import gguf
+
+    ours = read_gguf_info(model_path)
+    reader = gguf.GGUFReader(model_path)
+
+    def field(key: str) -> object:
+        return reader.fields[key].contents()
+
+    assert ours.architecture == field("general.architecture")
+    assert ours.context_length == field("gemma3.context_length")
+    assert ours.embedding_length == field("gemma3.embedding_length")
+    assert ours.block_count == field("gemma3.block_count")
+    assert ours.vocab_size == len(reader.fields["tokenizer.ggml.tokens"].data)
+    assert ours.tensor_bytes_total == sum(int(t.n_bytes) for t in reader.tensors)
+    assert ours.file_type == "Q4_K_M"
+    assert ours.size_label == "270M"
+    assert not ours.has_chat_template
+
+
+def test_scan_ids_aliases_and_unusable_files(tmp_path: Path, model_path: Path) -> None:
+    models = tmp_path / "models"
+    (models / "sub").mkdir(parents=True)
+    os.link(model_path, models / "Tiny-Model.gguf")
+    (models / "sub" / "notes.gguf").write_text("this is not a model")
+    with model_path.open("rb") as src:
+        (models / "truncated.gguf").write_bytes(src.read(5_000_000))
+    reg = Registry(tmp_path / "data" / "registry.sqlite3")
+    counts = reg.scan([models])
+    assert counts == {"found": 3, "read": 3, "unchanged": 0, "removed": 0, "unusable": 2}
+    ids = {e.id: e for e in reg.list()}
+    assert set(ids) == {"tiny-model", "notes", "truncated"}
+    assert ids["tiny-model"].usable and ids["tiny-model"].info is not None
+    assert "gemma-3-270m" in ids["tiny-model"].aliases  # from general.name
+    assert not ids["notes"].usable and "GGUF" in ids["notes"].reason
+    assert not ids["truncated"].usable and "truncated" in ids["truncated"].reason
+
+    # Unchanged files are not read again; a changed one is.
+    assert reg.scan([models])["unchanged"] == 3
+    (models / "sub" / "notes.gguf").write_text("still not a model, but longer now")
+    assert reg.scan([models])["read"] == 1
+
+    # Ids are stable across restarts; removed files leave the registry.
+    reg.close()
+    reg = Registry(tmp_path / "data" / "registry.sqlite3")
+    assert {e.id for e in reg.list()} == set(ids)
+    (models / "truncated.gguf").unlink()
+    assert reg.scan([models])["removed"] == 1
+    assert reg.resolve("truncated") is None
+    reg.close()
+
+
+def test_names_resolve_only_through_the_registry(tmp_path: Path, model_path: Path) -> None:
+    reg = Registry(tmp_path / "r.sqlite3")
+    entry = reg.register_file(model_path, "embedded")
+    reg.set_default(entry.id)
+    assert reg.resolve("default") == reg.resolve(entry.id)
+    for name in (str(model_path), "../" + model_path.name, model_path.name, "default/..", ""):
+        assert reg.resolve(name) is None, name
+    reg.close()
+
+
+def test_embedded_default_is_assembled_once_and_checked(tmp_path: Path) -> None:
+    settings = settings_from({"data_dir": tmp_path})
+    reg = open_registry(settings)
+    default = reg.resolve("default")
+    assert default is not None and default.source == "embedded"
+    path = Path(default.path)
+    assert path.parent == tmp_path / "models" and path.stat().st_size == 253113024
+    mtime = path.stat().st_mtime_ns
+    reg.close()
+    reg = open_registry(settings)  # second start: the stamp avoids re-hashing, no rewrite
+    assert path.stat().st_mtime_ns == mtime
+    reg.close()
+    # A damaged copy is noticed and replaced.
+    with path.open("r+b") as fh:
+        fh.seek(10_000_000)
+        fh.write(b"\0" * 16)
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))
+    reg = open_registry(settings)
+    assert read_gguf_info(path).architecture == "gemma3"
+    assert (tmp_path / "models" / "gemma-3-270m-q4_k_m.sha256").read_text().startswith("a5fd3b")
+    reg.close()
+
+
+def test_configured_default_model(tmp_path: Path, model_path: Path) -> None:
+    models = tmp_path / "m"
+    models.mkdir()
+    os.link(model_path, models / "mine.gguf")
+    reg = open_registry(settings_from({"data_dir": tmp_path / "d", "models_dir": [str(models)],
+                                       "default_model": "mine"}))
+    assert reg.default_id() == "mine"
+    assert not (tmp_path / "d" / "models").exists()  # the embedded one was not needed
+    reg.close()
+    with pytest.raises(CatalogError, match="nope"):
+        open_registry(settings_from({"data_dir": tmp_path / "d", "default_model": "nope"}))
+
+
+def test_not_gguf_error(tmp_path: Path) -> None:
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 40)
+    with pytest.raises(GGUFError):
+        read_gguf_info(bad)
+
+
+def _cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_OFFLOAD_")}
+    env["ML_OFFLOAD_DATA_DIR"] = str(data_dir)
+    return subprocess.run([sys.executable, "-m", "mloffload", *args], env=env, text=True,
+                          capture_output=True, timeout=120)
+
+
+def test_models_command(tmp_path: Path, data_dir: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(data_dir / "models", data / "models")
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "broken.gguf").write_text("nope")
+    table = _cli("models", "--models-dir", str(models), data_dir=data)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:4] == ["ID", "ALIASES", "ARCH", "SIZE"]
+    assert any(line.startswith("gemma-3-270m-q4_k_m") and "Q4_K_M" in line for line in lines)
+    assert any(line.startswith("broken") and "unusable" in line for line in lines)
+    listed = json.loads(_cli("models", "--json", data_dir=data).stdout)
+    assert [m["id"] for m in listed] == ["gemma-3-270m-q4_k_m"]
+    assert listed[0]["aliases"] == ["default", "gemma-3-270m"]
+
+
+def test_plan_command(tmp_path: Path, data_dir: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(data_dir / "models", data / "models")
+    out = _cli("plan", "default", "--free-vram", "64GiB", "--n-ctx", "8192", data_dir=data)
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["n_gpu_layers"] == 19 and plan["fits_all"] is True
+    assert plan["n_ctx"] == 8192
+    assert plan["kv_bytes_total"] == 18 * 8192 * 512 * 2
+    small = json.loads(_cli("plan", "default", "--free-vram", "700MiB", data_dir=data).stdout)
+    assert 0 < small["n_gpu_layers"] < 19
+    # Without --free-vram it asks the GPU: none here, so the CPU plan and the reason.
+    here = json.loads(_cli("plan", "default", data_dir=data).stdout)
+    assert here["n_gpu_layers"] == 0 and here["reason"]
+    missing = _cli("plan", "nope", data_dir=data)
+    assert missing.returncode == 1 and "unknown model" in missing.stderr
