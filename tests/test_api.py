@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from helpers import assert_openai_error, sse_events
 
 CHAT = "/v1/chat/completions"

@@ -6,6 +6,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from helpers import assert_openai_error
 
 CHAT = "/v1/chat/completions"

@@ -12,8 +12,9 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import ServerProcess, assert_openai_error
 from prometheus_client.parser import text_string_to_metric_families
+
+from helpers import ServerProcess, assert_openai_error
 
 MiB = 1024**2
 

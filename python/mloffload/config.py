@@ -84,7 +84,14 @@ def parse_gpu_layers(text: str | int) -> int | None:
 
 
 def parse_list(text: str | Sequence[str]) -> list[str]:
-    """A list from TOML, or from a comma/colon-separated string in the environment."""
+    """A list from TOML, or from a comma-separated string in the environment."""
+    if isinstance(text, str):
+        return [p.strip() for p in text.split(",") if p.strip()]
+    return [str(p) for p in text]
+
+
+def parse_paths(text: str | Sequence[str]) -> list[str]:
+    """Folders: a TOML list, or a string separated by commas or colons (like $PATH)."""
     if isinstance(text, str):
         return [p.strip() for p in re.split(r"[,:]", text) if p.strip()]
     return [str(p) for p in text]
@@ -131,7 +138,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("data_dir", None, lambda v: Path(v).expanduser(),
            "where the registry database and the embedded default model live "
            "(default $XDG_DATA_HOME/ml-offload)", "DIR"),
-    Option("models_dir", [], parse_list,
+    Option("models_dir", [], parse_paths,
            "one or more folders scanned for .gguf files (comma or colon separated)", "DIRS"),
     Option("default_model", "", str,
            "registry id, alias or .gguf path answered for model 'default' "
@@ -167,6 +174,10 @@ OPTIONS: tuple[Option, ...] = (
            "NAME"),
     Option("llamacpp_url", "http://127.0.0.1:8080", str,
            "base URL of llama-server when backend is llama-server", "URL"),
+    Option("llama_server_bin", None, lambda v: Path(v).expanduser(),
+           "with backend llama-server: start this llama-server binary yourself on the "
+           "llamacpp_url port, with the default model and the offload plan's -ngl, and "
+           "restart it if it dies", "PATH"),
     Option("log_level", "info", _choice("debug", "info", "warning", "error"),
            "log verbosity (debug also logs prompt text)", "LEVEL"),
     Option("log_json", False, parse_bool, "log one JSON object per line", "BOOL"),
@@ -200,6 +211,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     backend: str = "llamacpp"
     llamacpp_url: str = "http://127.0.0.1:8080"
+    llama_server_bin: Path | None = None
     log_level: str = "info"
     log_json: bool = False
 

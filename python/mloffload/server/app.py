@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 
 from .. import __version__
 from ..catalog import open_registry
@@ -15,17 +17,33 @@ from ..config import Settings
 from ..gpu import GPUProbe
 from ..registry import Registry
 from .backend import Backend
-from .errors import install_error_handlers
+from .errors import APIError, error_response, install_error_handlers
 from .guard import Guard
 from .routes import router
 from .stats import Stats
+
+
+class OpenAICORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with its rejected preflights in the OpenAI error shape."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        message = bytes(response.body).decode() or "CORS preflight rejected"
+        error = APIError(response.status_code, message, code="cors_rejected")
+        out = error_response(error)
+        for key in ("vary",):
+            if key in response.headers:
+                out.headers[key] = response.headers[key]
+        return out
 
 
 def make_backend(settings: Settings, registry: Registry, gpu: GPUProbe, stats: Stats) -> Backend:
     if settings.backend == "llama-server":
         from .upstream import UpstreamBackend
 
-        upstream: Backend = UpstreamBackend(settings, registry, stats)
+        upstream: Backend = UpstreamBackend(settings, registry, stats, gpu)
         return upstream
     from .local import LocalBackend
     from .manager import ModelManager
@@ -65,7 +83,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+        app.add_middleware(OpenAICORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(Guard, api_key=settings.api_key, max_body=settings.max_body, stats=stats)

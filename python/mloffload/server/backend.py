@@ -10,6 +10,7 @@ from typing import Any, Protocol, TypeVar
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .errors import ClientGone as ClientGone  # re-exported for backends
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 T = TypeVar("T")
@@ -43,10 +44,6 @@ class Backend(Protocol):
     def status(self) -> dict[str, Any]:
         """The backend's part of `/status` (loaded models, upstream, ...)."""
         ...
-
-
-class ClientGone(Exception):
-    """The HTTP client disconnected before its answer was ready."""
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -31,6 +31,13 @@ _TYPE_BY_STATUS = {
 }
 
 
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready."""
+
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"
+
+
 class APIError(Exception):
     """Raise anywhere in a handler; it becomes the documented error response."""
 
@@ -130,6 +137,11 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(exc.headers or {})
         return error_response(APIError(exc.status_code, message, headers=headers))
 
+    async def on_client_gone(_: Request, exc: Exception) -> Response:
+        # Nobody is listening; the status only shows in our access log and metrics.
+        return error_response(APIError(CLIENT_CLOSED_REQUEST, "Client closed the request.",
+                                       code="client_closed_request", type="cancelled"))
+
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(APIError(
@@ -139,4 +151,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(ClientGone, on_client_gone)
     app.add_exception_handler(Exception, on_unexpected)

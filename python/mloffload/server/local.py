@@ -141,6 +141,8 @@ class LocalBackend:
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         messages = req.message_dicts()
         params = req.sampling()
+        if log.isEnabledFor(logging.DEBUG):  # prompt text is logged at debug level only
+            log.debug("chat model=%s params=%s messages=%r", req.model, params, messages)
 
         def start(job: Job) -> Callable[[], Iterator[str]]:
             engine = job.lease.model.engine
@@ -151,6 +153,8 @@ class LocalBackend:
     async def completion(self, req: CompletionRequest, request: Request) -> Response:
         prompt = req.prompt_text
         params = req.sampling()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("completion model=%s params=%s prompt=%r", req.model, params, prompt)
 
         def start(job: Job) -> Callable[[], Iterator[str]]:
             engine = job.lease.model.engine
