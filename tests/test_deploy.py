@@ -25,10 +25,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from helpers import ServerProcess, free_port
 from mloffload.config import OPTIONS, OPTIONS_BY_NAME, Settings, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -511,3 +513,77 @@ def test_restart_stops_on_configuration_errors() -> None:
     contrib = parse_unit(CONTRIB_UNIT.read_text())
     assert values(contrib, "Service", "RestartPreventExitStatus") == [str(proc.returncode)]
     assert service(module())["serviceConfig"]["RestartPreventExitStatus"] == proc.returncode
+
+
+# --- logs as the journal keeps them ------------------------------------------------------
+
+LOG_SNIPPET = """
+import logging, sys
+from mloffload.logs import setup_logging
+setup_logging("info", json=sys.argv[1] == "json")
+log = logging.getLogger("mloffload.demo")
+log.debug("hidden")
+log.info("started")
+log.warning("slow")
+log.error("failed")
+"""
+
+
+def log_lines(tmp_path: Path, journal: str | None, mode: str = "text") -> list[str]:
+    """Run LOG_SNIPPET with stderr in a file; journal: "match" names that file in
+    $JOURNAL_STREAM as systemd does, "other" names another file."""
+    out = tmp_path / f"stderr-{journal}-{mode}.log"
+    other = tmp_path / "other.log"
+    out.touch()
+    other.touch()
+    env = {"PATH": "/usr/bin:/bin"}
+    if journal:
+        st = (out if journal == "match" else other).stat()
+        env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+    with out.open("w") as fh:
+        subprocess.run([sys.executable, "-c", LOG_SNIPPET, mode], stderr=fh, env=env,
+                       check=True, timeout=60)
+    return out.read_text().splitlines()
+
+
+def test_journal_lines_carry_priority_and_no_timestamp(tmp_path: Path) -> None:
+    assert log_lines(tmp_path, "match") == [
+        "<6>mloffload.demo: started", "<4>mloffload.demo: slow", "<3>mloffload.demo: failed"]
+
+
+def test_terminal_lines_keep_their_timestamp(tmp_path: Path) -> None:
+    for journal in (None, "other"):
+        lines = log_lines(tmp_path, journal)
+        assert len(lines) == 3
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d WARNING mloffload.demo: slow",
+                            lines[1]), lines
+
+
+def test_json_logs_stay_json_under_the_journal(tmp_path: Path) -> None:
+    lines = [json.loads(line) for line in log_lines(tmp_path, "match", mode="json")]
+    assert [(r["level"], r["msg"]) for r in lines] == [
+        ("info", "started"), ("warning", "slow"), ("error", "failed")]
+
+
+def test_access_line_in_the_journal(data_dir: Path) -> None:
+    """The real server under a journal-like stderr: one line per request with method, path,
+    status, duration and model, at info priority, and no prompt text."""
+    port = free_port()
+    log_path = data_dir / f"server-{port}.log"
+    log_path.touch()  # ServerProcess reopens it with "w": same inode, as systemd's stream
+    st = log_path.stat()
+    with ServerProcess(data_dir, port=port, env={
+            "ML_OFFLOAD_N_CTX": "2048", "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}) as srv:
+        srv.wait_ready()
+        secret = "periwinkle-armadillo"
+        response = httpx.post(srv.url + "/v1/chat/completions", timeout=120, json={
+            "model": "default", "max_tokens": 2,
+            "messages": [{"role": "user", "content": f"Say {secret}."}]})
+        assert response.status_code == 200, response.text
+        log = srv.log()
+    access = [line for line in log.splitlines() if line.startswith("<6>mloffload.access: ")]
+    assert re.fullmatch(r"<6>mloffload\.access: GET /health 200 \d+\.\dms", access[-2]), access
+    assert re.fullmatch(r"<6>mloffload\.access: POST /v1/chat/completions 200 \d+\.\dms "
+                        r"model=default.*", access[-1]), access
+    assert secret not in log
+    assert not re.search(r"^\d{4}-\d\d-\d\dT", log, re.M), "timestamps in journal lines"

@@ -19,6 +19,8 @@ from .stats import Stats
 log = logging.getLogger("mloffload.access")
 
 OPEN_PATHS = frozenset({"/health"})
+# request.state keys the access line reports, in this order.
+ACCESS_FIELDS = ("model", "prompt_tokens", "completion_tokens")
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -121,16 +123,14 @@ class Guard:
         self.stats.requests.labels(label, str(status)).inc()
         self.stats.duration.labels(label).observe(seconds)
         state: dict[str, Any] = scope.get("state") or {}
-        extra = ""
-        if "model" in state:
-            extra = f" model={state['model']}"
+        # What a route put on request.state; never the prompt text.
+        fields = {k: state[k] for k in ACCESS_FIELDS if k in state}
+        extra = "".join(f" {k}={v}" for k, v in fields.items())
         log.info(
             "%s %s %d %.1fms%s", scope.get("method"), scope.get("path"), status, seconds * 1000,
             extra,
             extra={"method": scope.get("method"), "path": scope.get("path"), "status": status,
-                   "duration_ms": round(seconds * 1000, 1), **{
-                       k: v for k, v in state.items() if k in ("model", "prompt_tokens",
-                                                               "completion_tokens")}},
+                   "duration_ms": round(seconds * 1000, 1), **fields},
         )
 
 
