@@ -51,6 +51,25 @@
 
       checks = forAllSystems (system: {
         inherit (self.packages.${system}) default nvim-plugin;
+        # The module under the real NixOS module system: option types, assertions, and the
+        # ml-offload-api.service file it generates (which needs the package built).
+        nixos-module =
+          let
+            nixos = nixpkgs.lib.nixosSystem {
+              modules = [
+                self.nixosModules.default
+                {
+                  nixpkgs.hostPlatform = system;
+                  boot.isContainer = true;
+                  system.stateVersion = "25.05";
+                  services.ml-offload.enable = true;
+                }
+              ];
+            };
+            failed = builtins.filter (a: !a.assertion) nixos.config.assertions;
+          in
+          assert failed == [ ];
+          nixos.config.systemd.units."ml-offload-api.service".unit;
       });
     };
 }

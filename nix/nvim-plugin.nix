@@ -9,6 +9,9 @@ let
   requirements = import ./requirements.nix ../pyproject.toml;
   fs = lib.fileset;
   plugin = path: fs.maybeMissing path;
+  noBytecode = dir: if builtins.pathExists dir
+    then fs.difference dir (fs.fileFilter (file: file.hasExt "pyc") dir)
+    else fs.unions [ ];
 in
 vimUtils.buildVimPlugin {
   pname = "ml-offload-nvim";
@@ -19,7 +22,7 @@ vimUtils.buildVimPlugin {
       (plugin ../lua)
       (plugin ../plugin)
       (plugin ../doc/ml-offload.txt)
-      (fs.difference (plugin ../rplugin) (fs.fileFilter (file: file.hasExt "pyc") ../.))
+      (noBytecode ../rplugin)
     ];
   };
   passthru.python3Dependencies = ps: [

@@ -254,6 +254,7 @@ def test_flake_outputs() -> None:
         assert app["type"] == "app" and app["program"].endswith(f"/bin/{script}")
         assert flake["devShells"][system]["default"]["file"] == str(REPO / "nix/shell.nix")
     assert flake["nixosModules"]["default"] == str(REPO / "nix/module.nix")
+    assert flake["checks"]["x86_64-linux"] == ["default", "nixos-module", "nvim-plugin"]
     assert set(flake["overlay"]) == {"ml-offload", "ml-offload-nvim", "pythonPackagesExtensions"}
 
 
@@ -278,6 +279,16 @@ def test_package_dependencies_follow_pyproject() -> None:
     for module_name in requirements["pythonImportsCheck"]:
         assert (REPO / "python" / module_name.replace(".", "/")).with_suffix(".py").exists() or (
             REPO / "python" / module_name.replace(".", "/") / "__init__.py").exists()
+
+
+def test_nvim_plugin_package() -> None:
+    plugin = nix_eval(NIX_TESTS / "eval-nvim-plugin.nix")
+    assert plugin["version"] == PYPROJECT["project"]["version"]
+    # Neovim's python3 host gets pynvim and the mloffload package (built by nix/package.nix).
+    assert plugin["python3Dependencies"] == ["pynvim", "package.nix"]
+    folders = [f if isinstance(f, str) else f["include"] for f in plugin["src"]["fileset"]]
+    assert {str(REPO / "lua"), str(REPO / "rplugin"), str(REPO / "doc/ml-offload.txt")} <= set(
+        folders)
 
 
 def test_package_drops_what_nixpkgs_lacks_for_the_platform() -> None:
