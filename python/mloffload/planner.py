@@ -11,9 +11,13 @@ that fits.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .gguf_info import GGUFInfo
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .gpu import GPUSnapshot
 
 KV_BYTES_F16 = 2
 N_UBATCH = 512
@@ -139,6 +143,29 @@ def plan_offload(
         free_vram_bytes=free_vram,
         n_ctx=n_ctx,
         reason=reason,
+    )
+
+
+def plan_for_settings(info: GGUFInfo, settings: Settings, snapshot: GPUSnapshot,
+                      offload_supported: bool) -> OffloadPlan:
+    """The plan for ``settings`` (context, margin, GPU index, requested layers) on the GPU
+    ``snapshot`` describes; the server's model manager and the plugin's fallback share it."""
+    gpu = snapshot.gpu(settings.gpu) if snapshot.available else None
+    if snapshot.available and gpu is None:
+        reason = f"GPU {settings.gpu} not found ({len(snapshot.gpus)} GPUs present)"
+    else:
+        reason = snapshot.reason
+    n_ctx = settings.n_ctx
+    if info.context_length:
+        n_ctx = min(n_ctx, info.context_length)
+    return plan_offload(
+        info,
+        n_ctx=n_ctx,
+        free_vram=gpu.free_bytes if gpu else None,
+        margin=settings.vram_margin,
+        requested=settings.n_gpu_layers,
+        offload_supported=offload_supported,
+        no_gpu_reason=reason,
     )
 
 

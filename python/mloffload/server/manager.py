@@ -19,7 +19,7 @@ from ..config import Settings, parse_duration
 from ..engine.base import EngineError
 from ..engine.llamacpp import LlamaCppEngine, LoadOptions, engine_facts
 from ..gpu import GPUProbe
-from ..planner import OffloadPlan, plan_offload
+from ..planner import OffloadPlan, plan_for_settings, plan_offload
 from ..registry import ModelEntry, Registry
 from .errors import APIError, model_not_found
 from .stats import Stats
@@ -138,24 +138,8 @@ class ModelManager:
 
     def plan(self, entry: ModelEntry) -> OffloadPlan:
         assert entry.info is not None
-        snap = self.gpu.snapshot()
-        gpu = snap.gpu(self.settings.gpu) if snap.available else None
-        if snap.available and gpu is None:
-            reason = f"GPU {self.settings.gpu} not found ({len(snap.gpus)} GPUs present)"
-        else:
-            reason = snap.reason
-        n_ctx = self.settings.n_ctx
-        if entry.info.context_length:
-            n_ctx = min(n_ctx, entry.info.context_length)
-        return plan_offload(
-            entry.info,
-            n_ctx=n_ctx,
-            free_vram=gpu.free_bytes if gpu else None,
-            margin=self.settings.vram_margin,
-            requested=self.settings.n_gpu_layers,
-            offload_supported=bool(self.facts.get("supports_gpu_offload")),
-            no_gpu_reason=reason,
-        )
+        return plan_for_settings(entry.info, self.settings, self.gpu.snapshot(),
+                                 bool(self.facts.get("supports_gpu_offload")))
 
     # --- admission ----------------------------------------------------------------------
 
