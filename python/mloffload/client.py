@@ -1,0 +1,217 @@
+"""HTTP client for the Neovim plugin: the server's API over httpx, chat streamed as SSE.
+
+Only ``httpx`` and the standard library are needed, so the plugin works in a Python host
+that has nothing else installed. The chat stream has the engine's shape (text pieces,
+usage written into a ``GenerationResult``, a ``threading.Event`` to cancel), so the plugin
+drives the server and the in-process fallback with the same code.
+
+A failure to *connect* (refused, DNS, connect timeout) is ``ServerUnreachable``: the plugin
+then falls back to in-process inference. Anything the live server answers with an error is
+``ServerError`` carrying the server's own message; it never triggers the fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import httpx
+
+from .engine.base import FINISH_CANCELLED, GenerationResult
+
+DEFAULT_API_URL = "http://127.0.0.1:9000"
+START_HINT = "start it with: python -m mloffload.server"
+
+
+class ClientError(Exception):
+    """A request failed; ``str()`` is a message meant for the user."""
+
+
+class ServerUnreachable(ClientError):
+    """Nothing answered at the API URL (connection refused, DNS failure, connect timeout)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"cannot reach the ml-offload server at {url} ({reason}); {START_HINT}")
+        self.url = url
+        self.reason = reason
+
+
+class ServerError(ClientError):
+    """The server answered with an error; the message is the server's own."""
+
+    def __init__(self, status: int, message: str, type_: str = "", code: str | None = None):
+        super().__init__(f"server error {status}: {message}")
+        self.status = status
+        self.server_message = message
+        self.type = type_
+        self.code = code
+
+
+class ServerTimeout(ClientError):
+    """The server accepted the connection but did not answer in time."""
+
+
+class StreamBroken(ClientError):
+    """The connection dropped in the middle of an answer."""
+
+
+def _reason(exc: httpx.HTTPError) -> str:
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "connect timed out"
+    text = str(exc) or type(exc).__name__
+    low = text.lower()
+    if "refused" in low:
+        return "connection refused"
+    if "name or service not known" in low or "nodename nor servname" in low or (
+        "name resolution" in low
+    ):
+        return "host name not found"
+    return text
+
+
+def error_from_body(status: int, body: bytes) -> ServerError:
+    """The OpenAI error shape ``{"error": {"message", "type", "code"}}``, or the raw text."""
+    try:
+        err = json.loads(body)["error"]
+        return ServerError(status, str(err["message"]), str(err.get("type") or ""),
+                           err.get("code"))
+    except (ValueError, KeyError, TypeError):
+        text = body.decode("utf-8", "replace").strip()[:300] or httpx.codes.get_reason_phrase(
+            status)
+        return ServerError(status, text)
+
+
+class Client:
+    """One API URL. Thread-safe (httpx's client is); each call is one request."""
+
+    def __init__(self, base_url: str = DEFAULT_API_URL, *, timeout: float = 30.0,
+                 connect_timeout: float = 1.0, api_key: str = "") -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        try:
+            self._http = httpx.Client(
+                base_url=self.base_url,
+                timeout=httpx.Timeout(timeout, connect=connect_timeout),
+                headers=headers,
+                # The server is local (or on the LAN): a proxy from the environment must
+                # not capture its requests.
+                trust_env=False,
+            )
+        except (httpx.InvalidURL, ValueError, TypeError) as exc:
+            raise ClientError(f"api_url {base_url!r} is not a valid URL: {exc}") from None
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _translate(self, exc: httpx.HTTPError) -> ClientError:
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            return ServerUnreachable(self.base_url, _reason(exc))
+        if isinstance(exc, httpx.TimeoutException):
+            return ServerTimeout(f"the server at {self.base_url} did not answer in time "
+                                 f"({type(exc).__name__}); raise `timeout` in setup()")
+        if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
+            return ClientError(f"api_url {self.base_url!r} is not a valid http(s) URL")
+        return StreamBroken(f"the connection to {self.base_url} broke: {_reason(exc)}")
+
+    def request_json(self, method: str, path: str, body: Mapping[str, Any] | None = None,
+                     timeout: float | None = None) -> Any:
+        kwargs: dict[str, Any] = {}
+        if body is not None:
+            kwargs["json"] = body
+        if timeout is not None:
+            kwargs["timeout"] = httpx.Timeout(timeout, connect=min(timeout, 1.0))
+        try:
+            resp = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise self._translate(exc) from None
+        if resp.status_code >= 400:
+            raise error_from_body(resp.status_code, resp.content)
+        try:
+            return resp.json()
+        except ValueError:
+            raise ClientError(f"{path} answered with something that is not JSON") from None
+
+    # --- endpoints ------------------------------------------------------------------
+
+    def probe(self, timeout: float = 3.0) -> dict[str, Any]:
+        """The cheap check made before each request: ``/api/health`` with a short timeout."""
+        data = self.request_json("GET", "/api/health", timeout=timeout)
+        return data if isinstance(data, dict) else {}
+
+    def get(self, path: str) -> Any:
+        return self.request_json("GET", path)
+
+    def models(self) -> list[dict[str, Any]]:
+        data = self.request_json("GET", "/v1/models")
+        return list(data.get("data") or [])
+
+    def embed(self, text: str, model: str) -> list[float]:
+        data = self.request_json("POST", "/v1/embeddings", {"model": model, "input": text})
+        try:
+            return [float(x) for x in data["data"][0]["embedding"]]
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise ClientError("/v1/embeddings answered without an embedding") from None
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], model: str,
+             params: Mapping[str, Any], result: GenerationResult,
+             cancel: threading.Event) -> Iterator[str]:
+        """Stream a chat answer; stops (closing the HTTP stream) as soon as ``cancel`` is set.
+
+        Nothing is sent until the first ``next()``; a connect failure raises
+        ``ServerUnreachable`` there, before any text.
+        """
+        payload = {**params, "model": model, "messages": list(messages), "stream": True,
+                   "stream_options": {"include_usage": True}}
+        try:
+            with self._http.stream("POST", "/v1/chat/completions", json=payload) as resp:
+                if resp.status_code >= 400:
+                    raise error_from_body(resp.status_code, resp.read())
+                for line in resp.iter_lines():
+                    if cancel.is_set():
+                        # Leaving the block closes the connection: the server stops generating.
+                        result.finish_reason = FINISH_CANCELLED
+                        return
+                    text = self._sse_line(line, result)
+                    if text is None:
+                        return
+                    if text:
+                        yield text
+        except httpx.HTTPError as exc:
+            raise self._translate(exc) from None
+        if cancel.is_set():
+            result.finish_reason = FINISH_CANCELLED
+        elif result.finish_reason is None:
+            raise StreamBroken(f"the answer from {self.base_url} ended without [DONE]")
+
+    @staticmethod
+    def _sse_line(line: str, result: GenerationResult) -> str | None:
+        """Text carried by one SSE line ('' for none); None at ``[DONE]``."""
+        if not line.startswith("data:"):
+            return ""
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            if result.finish_reason is None:
+                result.finish_reason = "stop"
+            return None
+        try:
+            chunk = json.loads(payload)
+        except ValueError:
+            return ""
+        if "error" in chunk:
+            err = chunk["error"] or {}
+            raise ServerError(200, str(err.get("message") or err), str(err.get("type") or ""),
+                              err.get("code"))
+        usage = chunk.get("usage")
+        if usage:
+            result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            result.completion_tokens = int(usage.get("completion_tokens") or 0)
+        parts = []
+        for choice in chunk.get("choices") or []:
+            if choice.get("finish_reason"):
+                result.finish_reason = str(choice["finish_reason"])
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                parts.append(str(content))
+        return "".join(parts)
