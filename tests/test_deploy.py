@@ -376,10 +376,14 @@ def test_module_settings_reach_the_server(tmp_path: Path) -> None:
 
 
 def test_module_extra_environment_overrides() -> None:
-    svc = service(module(extraEnvironment={"ML_OFFLOAD_N_CTX": "8192",
-                                           "ML_OFFLOAD_PORT": "9200"}))
+    # As the README shows: the service starts llama-server itself from nixpkgs' llama-cpp.
+    llama_server = "/nix/store/00000000000000000000000000000000-llama-cpp/bin/llama-server"
+    svc = service(module(backend="llama-server", extraEnvironment={
+        "ML_OFFLOAD_N_CTX": "8192", "ML_OFFLOAD_PORT": "9200",
+        "ML_OFFLOAD_LLAMA_SERVER_BIN": llama_server}))
     settings = settings_from_env(svc["environment"])
     assert (settings.n_ctx, settings.port) == (8192, 9200)
+    assert (settings.backend, settings.llama_server_bin) == ("llama-server", Path(llama_server))
 
 
 def test_module_single_models_dir_is_a_list() -> None:
