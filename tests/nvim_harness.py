@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sys
 import time
@@ -64,6 +65,12 @@ def register_plugin(home: Path) -> Path:
 
 
 _RECORD_EVENTS = """
+    _G.ml_test_notes = {}
+    local notify = vim.notify
+    vim.notify = function(msg, level, opts)
+      table.insert(_G.ml_test_notes, { msg, level or vim.log.levels.INFO })
+      return notify(msg, level, opts)
+    end
     _G.ml_test_events = {}
     vim.api.nvim_create_autocmd("User", {
       pattern = { "MLOffloadRequestStarted", "MLOffloadRequestFinished" },
@@ -160,10 +167,20 @@ class Editor:
 
         return self.wait(check, timeout, what=f"{count} {stage} event(s)")
 
+    def notifications(self, level: int | None = None) -> list[str]:
+        """Messages sent through vim.notify (at ``level``: 4 is ERROR)."""
+        notes = self.lua("return _G.ml_test_notes") or []
+        return [str(n[0]) for n in notes if level is None or n[1] == level]
+
     def error_lines(self) -> list[str]:
-        """Lines of :messages that look like errors or tracebacks."""
-        bad = ("Error", "error", "Traceback", "E5108", "E492", "stack traceback")
-        return [line for line in self.messages().splitlines() if any(b in line for b in bad)]
+        """ERROR notifications, plus any line of :messages that is a Vim error, a Lua or
+        Python traceback, or pynvim reporting a failed handler."""
+        lines = [line for line in self.messages().splitlines() if _ERROR_LINE.search(line)]
+        return self.notifications(4) + lines
+
+
+_ERROR_LINE = re.compile(r"Traceback|stack traceback|Error detected|error caught|"
+                         r"caused an error|\bE\d{2,4}: |Exception")
 
 
 class RecordingProxy:

@@ -218,8 +218,9 @@ class Fallback:
                 layers = 0
                 engine = open_engine(0)
         except LlamaCppUnavailable as exc:
-            raise FallbackUnavailable(install_hint(["llama-cpp-python==0.3.36"])
-                                      + f" ({exc})") from None
+            why = exc.__cause__ or exc
+            raise FallbackUnavailable(f"{install_hint(['llama-cpp-python==0.3.36'])} "
+                                      f"(import failed: {why})") from None
         except EngineError as exc:
             raise FallbackUnavailable(f"the fallback model failed to load: {exc}") from None
         if layers != plan.n_gpu_layers:

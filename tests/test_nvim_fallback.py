@@ -1,0 +1,225 @@
+"""When the server is down: in-process inference inside the plugin (issue 7).
+
+A real headless Neovim with no server at its api_url runs the same llama.cpp engine in its
+Python host; a real server started and stopped mid-session takes requests back and hands
+them over again.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from helpers import ServerProcess, free_port
+from nvim_harness import Editor, register_plugin
+
+pytestmark = pytest.mark.timeout(900)
+
+Factory = Callable[..., Editor]
+LOCAL = "llama.cpp (local fallback)"
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return register_plugin(tmp_path_factory.mktemp("nvim-register"))
+
+
+@pytest.fixture
+def editor(tmp_path: Path, manifest: Path, data_dir: Path) -> Iterator[Factory]:
+    started: list[Editor] = []
+
+    def start(env: dict[str, str] | None = None, **setup: Any) -> Editor:
+        ed = Editor(tmp_path / f"home{len(started)}", manifest, setup=setup, env={
+            "ML_OFFLOAD_DATA_DIR": str(data_dir), "ML_OFFLOAD_N_CTX": "2048", **(env or {})})
+        started.append(ed)
+        return ed
+
+    yield start
+    for ed in started:
+        ed.close()
+
+
+def params(max_tokens: int) -> dict[str, Any]:
+    return {"temperature": 0, "seed": 7, "max_tokens": max_tokens}
+
+
+def nowhere() -> str:
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def streamed(ed: Editor, buf: int) -> str:
+    return ed.float_text(buf).rsplit("### Assistant\n", 1)[1]
+
+
+def title_of(ed: Editor, buf: int) -> str:
+    return next(f["title"] for f in ed.floats() if f["buf"] == buf)
+
+
+def finished(ed: Editor) -> list[Any]:
+    return [e[1] for e in ed.lua("return _G.ml_test_events") or []
+            if e[0] == "MLOffloadRequestFinished"]
+
+
+def host_facts(ed: Editor) -> dict[str, Any]:
+    return dict(ed.nvim.call("MLOffloadHealth"))
+
+
+def assert_clean(ed: Editor) -> None:
+    assert ed.error_lines() == [], ed.messages()
+
+
+def test_fallback_chat_status_embed_models_and_cancel(editor: Factory, model_path: Path) -> None:
+    from mloffload.gguf_info import read_gguf_info
+
+    info = read_gguf_info(model_path)
+    ed = editor(api_url=nowhere(), params=params(16))
+    ed.nvim.command("MLChat Explain what a GGUF file is")
+    buf = ed.wait_float(what="the chat float")["buf"]
+    seen_loading = False
+    sizes: list[int] = []
+
+    def poll() -> bool:
+        nonlocal seen_loading
+        text = streamed(ed, buf)
+        seen_loading = seen_loading or "_loading model " in text
+        if not sizes or sizes[-1] != len(text):
+            sizes.append(len(text))
+        return bool(finished(ed))
+
+    ed.wait(poll, timeout=300, interval=0.02, what="the fallback answer")
+    data = finished(ed)[0]
+    assert data["ok"] and data["backend"] == "fallback", data
+    assert data["completion_tokens"] == 16
+    assert seen_loading, "no 'loading model…' line while the model loaded"
+    text = streamed(ed, buf)
+    loaded = re.match(r"_local fallback: (\S+) loaded in [\d.]+ s \((\d+)/(\d+) layers on GPU\)_\n",
+                      text)
+    assert loaded, text
+    model_id, layers, max_layers = loaded.groups()
+    assert int(max_layers) == info.block_count + 1
+    assert len(set(sizes)) >= 3, sizes  # the loading line, then the answer growing
+    assert text.rstrip().endswith(f"· {LOCAL}_")
+    assert title_of(ed, buf).strip().endswith(f"{model_id} · {LOCAL}")
+
+    ed.nvim.command("MLStatus")
+    ed.wait(lambda: len(finished(ed)) >= 2, what=":MLStatus")
+    status = next(f for f in ed.floats() if "status" in f["title"])
+    assert (f"server unreachable — using in-process fallback ({model_id}, {layers}/{max_layers} "
+            "layers on GPU)") in "\n".join(status["lines"])
+    ed.nvim.command("close")
+
+    ed.nvim.command("MLEmbed some words")
+    ed.wait(lambda: len(finished(ed)) >= 3, what=":MLEmbed")
+    assert (f"embedding: {info.embedding_length} dimensions ({model_id}, local fallback)"
+            in ed.messages())
+
+    ed.nvim.command("MLModels")
+    ed.wait(lambda: len(finished(ed)) >= 4, what=":MLModels")
+    models = next(f for f in ed.floats() if "models" in f["title"])
+    assert LOCAL in models["title"]
+    line = next(line for line in models["lines"] if f" {model_id} " in line)
+    assert "loaded" in line and "Q4_K_M" in line
+    ed.nvim.command("close")
+
+    # Cancel stops the local generation: the engine itself reports it.
+    ed.lua("require('ml-offload').setup(...)", {"api_url": ed.lua(
+        "return require('ml-offload.config').get().api_url"), "params": params(1500)})
+    ed.nvim.command("MLChat Count from one to one thousand")
+    buf2 = ed.wait_float(lambda f: f["buf"] not in (buf,) and "status" not in f["title"]
+                         and "models" not in f["title"], what="the second chat")["buf"]
+    ed.wait(lambda: len(streamed(ed, buf2)) > 20, timeout=300, what="the answer to start")
+    ed.nvim.api.set_current_win(next(f["win"] for f in ed.floats() if f["buf"] == buf2))
+    ed.nvim.input("<C-c>")
+    ed.wait(lambda: len(finished(ed)) >= 5, what="the cancel")
+    data = finished(ed)[4]
+    assert data["cancelled"] and data["finish_reason"] == "cancelled", data
+    assert data["completion_tokens"] < 1500
+    text = ed.float_text(buf2)
+    assert text.endswith(f"_cancelled · {LOCAL}_")
+    time.sleep(1.0)
+    assert ed.float_text(buf2) == text
+    assert_clean(ed)
+
+
+def test_server_takes_over_and_gives_back_mid_conversation(editor: Factory, data_dir: Path
+                                                            ) -> None:
+    port = free_port()
+    ed = editor(api_url=f"http://127.0.0.1:{port}", params=params(8))
+    ed.nvim.command("MLChat Name three colors")
+    buf = ed.wait_float(what="the chat float")["buf"]
+    ed.wait(lambda: finished(ed), timeout=300, what="the fallback answer")
+    first = finished(ed)[0]
+    assert first["backend"] == "fallback" and first["ok"]
+    assert host_facts(ed)["fallback"]["state"]["loaded"] is True
+
+    # The server starts: the next request (a follow-up) goes to it; the fallback lets go.
+    server = ServerProcess(data_dir, port=port, env={"ML_OFFLOAD_N_CTX": "2048"})
+    try:
+        server.wait_ready(timeout=180)
+        before = httpx.get(server.url + "/status", timeout=10).json()["requests"]["total"]
+        ed.nvim.input("<CR>")
+        ed.wait(lambda: ed.nvim.api.get_mode()["mode"] == "c", what="the follow-up prompt")
+        ed.nvim.input("And three more?<CR>")
+        ed.wait(lambda: len(finished(ed)) >= 2, timeout=300, what="the server's answer")
+        second = finished(ed)[1]
+        assert second["backend"] == "server" and second["ok"], second
+        after = httpx.get(server.url + "/status", timeout=10).json()["requests"]["total"]
+        assert after > before
+        assert "llamacpp" in title_of(ed, buf) and "local fallback" not in title_of(ed, buf)
+        assert host_facts(ed)["fallback"]["state"]["loaded"] is False
+    finally:
+        server.stop()
+
+    # The server goes away mid-conversation: the next follow-up falls back, with history.
+    ed.nvim.input("<CR>")
+    ed.wait(lambda: ed.nvim.api.get_mode()["mode"] == "c", what="the second follow-up prompt")
+    ed.nvim.input("And the first one again?<CR>")
+    ed.wait(lambda: len(finished(ed)) >= 3, timeout=300, what="the fallback's answer")
+    third = finished(ed)[2]
+    assert third["backend"] == "fallback" and third["ok"], third
+    assert title_of(ed, buf).strip().endswith(LOCAL)
+    # The prompt holds the whole conversation: both earlier turns and both answers.
+    history = first["prompt_tokens"] + first["completion_tokens"] + second["completion_tokens"]
+    assert third["prompt_tokens"] > history, (first, second, third)
+    text = ed.float_text(buf)
+    assert text.count("### You") == 3 and text.count("### Assistant") == 3
+    assert_clean(ed)
+
+
+def test_fallback_off_is_one_clear_error(editor: Factory) -> None:
+    url = nowhere()
+    ed = editor(api_url=url, fallback=False, params=params(4))
+    ed.nvim.command("MLChat hello")
+    data = ed.wait_event("finished")[0]
+    assert not data["ok"]
+    errors = ed.error_lines()
+    assert len(errors) == 1, ed.messages()
+    assert f"cannot reach the ml-offload server at {url} (connection refused)" in errors[0]
+    assert "python -m mloffload.server" in errors[0] and "fallback = false" in errors[0]
+    assert "Traceback" not in ed.messages()
+    assert ed.nvim.eval("40 + 2") == 42  # responsive
+    assert host_facts(ed)["fallback"]["state"]["loaded"] is False
+
+
+def test_missing_llama_cpp_names_what_to_install(editor: Factory, tmp_path: Path) -> None:
+    stub = tmp_path / "no-llama"
+    (stub / "llama_cpp").mkdir(parents=True)
+    (stub / "llama_cpp" / "__init__.py").write_text(
+        "raise ImportError('llama_cpp blocked for this test')\n")
+    ed = editor(env={"PYTHONPATH": str(stub)}, api_url=nowhere(), params=params(4))
+    ed.nvim.command("checkhealth ml-offload")
+    report = "\n".join(ed.nvim.current.buffer[:])
+    assert "ERROR not ready: llama-cpp-python is not importable" in report, report
+    assert "-m pip install 'llama-cpp-python==0.3.36'" in report
+    ed.nvim.command("MLChat hello")
+    ed.wait_event("finished")
+    errors = ed.error_lines()
+    assert len(errors) == 1, ed.messages()
+    assert re.search(r"\S+python\S* -m pip install 'llama-cpp-python==0.3.36'", errors[0])
+    assert "Traceback" not in ed.messages()
