@@ -1,14 +1,605 @@
-"""Proxy to llama.cpp's own llama-server (work in progress: being written now)."""
+"""The llama-server backend: proxy the OpenAI routes to llama.cpp's own C++ server.
+
+One pooled ``httpx.AsyncClient`` carries every upstream call. Streams are relayed as the
+bytes arrive, cut only at SSE event boundaries; the one rewrite is the ``model`` field (the
+name the client asked for instead of llama-server's file path), a byte replace. A client
+that goes away closes the upstream stream, and llama-server stops generating.
+
+Faults come back in OpenAI's shape: llama-server's own errors keep their status; an
+unreachable llama-server is a 503 ``backend_unavailable`` naming its URL; a stream cut
+mid-way ends with an error event and ``[DONE]``. Nothing is cached that would outlive a
+llama-server restart for long: the next request after it comes back just works.
+"""
 
 from __future__ import annotations
 
-from ..config import ConfigError, Settings
-from ..registry import Registry
+import asyncio
+import collections
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from ..config import Settings
+from ..gpu import GPUProbe
+from ..llama_server import LlamaServerSupervisor
+from ..registry import DEFAULT_ALIAS, ModelEntry, Registry
+from .backend import ClientGone, unless_disconnected
+from .errors import APIError, error_body, model_not_found
+from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .sse import DONE, event
 from .stats import Stats
+
+log = logging.getLogger("mloffload.server")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+HEALTH_TIMEOUT = 3.0
+CATALOG_TTL = 60.0  # seconds a fetched /v1/models stays fresh (a miss refetches at once)
+MAX_PENDING = 1 << 20  # bytes held back waiting for an SSE event boundary
+
+_MODEL_FIELD = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_PREDICTED_N = re.compile(rb'"predicted_n"\s*:\s*(\d+)')
+_PROMPT_N = re.compile(rb'"prompt_n"\s*:\s*(\d+)')
+_CACHE_N = re.compile(rb'"cache_n"\s*:\s*(\d+)')
+_ERROR_EVENT = b'data: {"error"'
+_DONE_MARK = b"data: [DONE]"
+
+# llama-server's error types (server-common.cpp) → our codes; others keep its type as code.
+_UPSTREAM_CODES = {
+    "exceed_context_size_error": "context_length_exceeded",
+    "not_supported_error": "not_supported",
+    "invalid_request_error": "invalid_request",
+    "not_found_error": "not_found",
+}
+
+
+def _first_int(pattern: re.Pattern[bytes], data: bytes) -> int | None:
+    m = pattern.search(data)
+    return int(m.group(1)) if m else None
+
+
+def token_counts(data: bytes) -> tuple[int, int]:
+    """(prompt, completion) tokens from an answer's usage, or from llama-server's timings."""
+    completion = _first_int(_COMPLETION_TOKENS, data)
+    prompt = _first_int(_PROMPT_TOKENS, data)
+    if completion is None and prompt is None:
+        completion = _first_int(_PREDICTED_N, data)
+        if (n := _first_int(_PROMPT_N, data)) is not None:
+            prompt = n + (_first_int(_CACHE_N, data) or 0)
+    return prompt or 0, completion or 0
+
+
+class ModelRewrite:
+    """Replace llama-server's ``"model": "<its id>"`` with the name the client sent."""
+
+    __slots__ = ("new", "old")
+
+    def __init__(self, requested: str) -> None:
+        self.new = b'"model":' + orjson.dumps(requested)
+        self.old: bytes | None = None
+
+    def __call__(self, block: bytes) -> bytes:
+        if self.old is None:
+            m = _MODEL_FIELD.search(block)
+            if m is None:
+                return block
+            self.old = m.group(0)
+        if self.old == self.new:
+            return block
+        return block.replace(self.old, self.new)
+
+
+def upstream_error(status: int, content: bytes, url: str) -> APIError:
+    """llama-server's error answer (or anything else it sent) as our OpenAI-shaped error."""
+    message, utype = "", None
+    try:
+        data = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        data = None
+    err = data.get("error") if isinstance(data, dict) else None
+    if isinstance(err, dict):
+        message = str(err.get("message") or "")
+        utype = err.get("type") if isinstance(err.get("type"), str) else None
+    elif isinstance(err, str):
+        message = err
+    if not message:
+        text = content.decode("utf-8", "replace").strip()
+        message = text[:300] or f"HTTP {status} with an empty body"
+    if not 400 <= status <= 599:
+        status = 502
+    code = _UPSTREAM_CODES.get(utype or "", utype)
+    headers: dict[str, str] = {}
+    if status == 503:
+        code = "model_loading" if "loading" in message.lower() else "backend_unavailable"
+        headers["Retry-After"] = "2"
+    return APIError(status, f"llama-server: {message}", code=code, headers=headers)
+
+
+class UpstreamModel:
+    """One model llama-server serves, matched (by file path) to the registry when known."""
+
+    def __init__(self, upstream_id: str, path: str | None, meta: dict[str, Any], created: int,
+                 entry: ModelEntry | None, is_default: bool) -> None:
+        self.upstream_id = upstream_id
+        self.path = path
+        self.upstream_meta = meta
+        self.created = created
+        self.entry = entry
+        self.id = entry.id if entry is not None else upstream_id
+        names = {self.id, upstream_id}
+        if entry is not None:
+            names.update(a for a in entry.aliases if a != DEFAULT_ALIAS)
+        if is_default:
+            names.add(DEFAULT_ALIAS)
+        self.names = names
+
+    @property
+    def n_embd(self) -> int | None:
+        n = self.upstream_meta.get("n_embd")
+        if isinstance(n, int):
+            return n
+        info = self.entry.info if self.entry is not None else None
+        return info.embedding_length if info else None
+
+    def meta(self) -> dict[str, Any]:
+        um = self.upstream_meta
+        if self.entry is not None:
+            meta = self.entry.summary()
+        else:
+            meta = {
+                "id": self.id, "path": self.path, "usable": True, "reason": None,
+                "source": "llama-server", "file_size": None, "architecture": None,
+                "name": None, "size_label": None, "parameter_count": um.get("n_params"),
+                "quantization": um.get("ftype"), "context_length": um.get("n_ctx_train"),
+                "embedding_length": um.get("n_embd"), "block_count": None,
+                "has_chat_template": None,
+            }
+        meta["aliases"] = sorted(self.names - {self.id})
+        meta["loaded"] = True
+        meta["upstream_id"] = self.upstream_id
+        meta["upstream"] = um
+        return meta
+
+    def card(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "model", "created": self.created,
+                "owned_by": "llama-server", "meta": self.meta()}
+
+
+def _same_file(a: str | None, b: str) -> bool:
+    if not a:
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 class UpstreamBackend:
     name = "llama-server"
 
-    def __init__(self, settings: Settings, registry: Registry, stats: Stats) -> None:
-        raise ConfigError("the llama-server backend is not available in this build yet")
+    def __init__(self, settings: Settings, registry: Registry, stats: Stats,
+                 gpu: GPUProbe | None = None) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.stats = stats
+        self.url = settings.llamacpp_url.rstrip("/")
+        self._client: httpx.AsyncClient | None = None
+        self._catalog: list[UpstreamModel] | None = None
+        self._catalog_at = 0.0
+        self._catalog_lock = asyncio.Lock()
+        self._last_health: dict[str, Any] = {
+            "available": False, "ready": False, "details": "not checked yet", "checked_at": None}
+        self._loading = False
+        self.supervisor: LlamaServerSupervisor | None = None
+        if settings.llama_server_bin is not None:
+            self.supervisor = LlamaServerSupervisor(settings, registry, gpu or GPUProbe())
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise APIError(503, "The llama-server backend is shutting down.",
+                           code="backend_unavailable")
+        return self._client
+
+    async def startup(self) -> None:
+        s = self.settings
+        # httpx logs every request at INFO; our access log already has one line per request.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        self._client = httpx.AsyncClient(
+            base_url=self.url,
+            timeout=httpx.Timeout(connect=5.0, read=s.request_timeout, write=30.0,
+                                  pool=s.load_timeout),
+            # llama-server closes idle connections after 5 s: drop ours a little earlier.
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64,
+                                keepalive_expiry=4.0),
+            headers={"Content-Type": "application/json", "Accept-Encoding": "identity"},
+            trust_env=False,  # never send loopback traffic through an HTTP proxy
+        )
+        if self.supervisor is not None:
+            await self.supervisor.start()
+        ready, reason, _ = await self.health()
+        if ready:
+            log.info("llama-server at %s is ready", self.url)
+        else:
+            log.warning("llama-server at %s is not ready yet: %s", self.url, reason)
+
+    async def shutdown(self) -> None:
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    # --- talking to llama-server -----------------------------------------------------------
+
+    def _unreachable(self, exc: BaseException) -> APIError:
+        self._catalog = None  # it may come back with another model
+        detail = str(exc) or type(exc).__name__
+        hint = " (it is restarting)" if self.supervisor is not None else \
+            "; start it, or point ML_OFFLOAD_LLAMACPP_URL at it"
+        return APIError(503, f"llama-server at {self.url} is not reachable ({detail}){hint}.",
+                        code="backend_unavailable", headers={"Retry-After": "5"})
+
+    def _transport_error(self, exc: httpx.HTTPError) -> APIError:
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            return self._unreachable(exc)
+        if isinstance(exc, httpx.PoolTimeout):
+            return APIError(503, f"Too many requests are waiting for llama-server at {self.url}.",
+                            code="backend_busy", headers={"Retry-After": "5"})
+        if isinstance(exc, httpx.TimeoutException):
+            return APIError(504, f"llama-server at {self.url} did not answer in time "
+                            f"({type(exc).__name__}).", code="upstream_timeout")
+        self._catalog = None
+        return APIError(502, f"The connection to llama-server at {self.url} failed: "
+                        f"{exc or type(exc).__name__}.", code="upstream_error")
+
+    async def _send(self, method: str, path: str, body: bytes | None = None,
+                    timeout: float | None = None) -> httpx.Response:
+        """Send one request, streaming the answer; transport failures become APIErrors."""
+        client = self.client
+        kwargs: dict[str, Any] = {}
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        req = client.build_request(method, path, content=body, **kwargs)
+        for attempt in (1, 2):
+            try:
+                return await client.send(req, stream=True)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                # A pooled connection that llama-server had just closed: try a fresh one once.
+                if attempt == 2:
+                    raise self._transport_error(exc) from None
+            except httpx.HTTPError as exc:
+                raise self._transport_error(exc) from None
+        raise AssertionError("unreachable")
+
+    async def _get_json(self, path: str, timeout: float = HEALTH_TIMEOUT) -> Any:
+        resp = await self._send("GET", path, timeout=timeout)
+        try:
+            content = await resp.aread()
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from None
+        finally:
+            await resp.aclose()
+        if resp.status_code != 200:
+            raise upstream_error(resp.status_code, content, self.url)
+        try:
+            return orjson.loads(content)
+        except orjson.JSONDecodeError:
+            raise APIError(502, f"llama-server at {self.url} sent invalid JSON for {path}.",
+                           code="upstream_error") from None
+
+    # --- models ---------------------------------------------------------------------------
+
+    async def _fetch_catalog(self) -> list[UpstreamModel]:
+        results: tuple[Any, ...] = await asyncio.gather(
+            self._get_json("/v1/models"), self._get_json("/props"), return_exceptions=True)
+        listing, props = results
+        if isinstance(listing, BaseException):
+            raise listing
+        if not isinstance(listing, dict):
+            raise APIError(502, f"llama-server at {self.url} sent an unexpected /v1/models.",
+                           code="upstream_error")
+        model_path = props.get("model_path") if isinstance(props, dict) else None
+        paths: dict[str, str] = {}
+        for m in listing.get("models") or []:  # llama-server's ollama-style list has the file
+            if isinstance(m, dict) and isinstance(m.get("name"), str):
+                paths[m["name"]] = str(m.get("model") or m["name"])
+        entries = [e for e in self.registry.list() if e.usable]
+        out = []
+        for i, card in enumerate(listing.get("data") or []):
+            uid = str(card.get("id", ""))
+            if not uid:
+                continue
+            candidates = [paths.get(uid), uid]
+            if len(listing.get("data") or []) == 1 and isinstance(model_path, str):
+                candidates.insert(0, model_path)
+            path = next((p for p in candidates if p and os.path.isfile(p)), None)
+            entry = next((e for e in entries if _same_file(path, e.path)), None) if path else None
+            meta = card.get("meta") if isinstance(card.get("meta"), dict) else {}
+            created = card.get("created")
+            out.append(UpstreamModel(
+                uid, path or (model_path if isinstance(model_path, str) else None), meta,
+                created if isinstance(created, int) else int(time.time()), entry, i == 0))
+        return out
+
+    async def catalog(self, refresh: bool = False) -> list[UpstreamModel]:
+        fresh = time.monotonic() - self._catalog_at < CATALOG_TTL
+        if not refresh and self._catalog is not None and fresh:
+            return self._catalog
+        async with self._catalog_lock:
+            if not refresh and self._catalog is not None and \
+                    time.monotonic() - self._catalog_at < CATALOG_TTL:
+                return self._catalog
+            self._catalog = await self._fetch_catalog()
+            self._catalog_at = time.monotonic()
+            return self._catalog
+
+    async def resolve(self, name: str) -> UpstreamModel:
+        """A model name (ours, an alias, or llama-server's id) to the upstream model."""
+        for refresh in (False, True):
+            for m in await self.catalog(refresh=refresh):
+                if name in m.names:
+                    return m
+        raise model_not_found(name)
+
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [m.card() for m in await self.catalog(refresh=True)]}
+
+    # --- generation -----------------------------------------------------------------------
+
+    async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
+        return await self._generate("/v1/chat/completions", req, request)
+
+    async def completion(self, req: CompletionRequest, request: Request) -> Response:
+        return await self._generate("/v1/completions", req, request)
+
+    def _body(self, req: ChatCompletionRequest | CompletionRequest | EmbeddingRequest,
+              target: UpstreamModel) -> bytes:
+        # What the client sent (unknown fields included, so llama-server extras pass through),
+        # minus our own keep_alive; our defaults fill in only where llama-server's differ.
+        data = req.model_dump(exclude_unset=True, exclude={"keep_alive"})
+        data["model"] = target.upstream_id
+        if isinstance(req, CompletionRequest) and "max_tokens" not in data:
+            data["max_tokens"] = req.max_tokens  # OpenAI's 16; llama-server's is unlimited
+        return orjson.dumps(data)
+
+    async def _admit(self, req: ChatCompletionRequest | CompletionRequest | EmbeddingRequest,
+                     request: Request, path: str) -> tuple[httpx.Response, float]:
+        """Resolve the model, send the request, and return llama-server's 200 answer."""
+        t0 = time.monotonic()
+        try:
+            target = await self.resolve(req.model)
+            if isinstance(req, EmbeddingRequest) and req.dimensions is not None:
+                n_embd = target.n_embd
+                if n_embd is not None and req.dimensions != n_embd:
+                    raise APIError(400, f"This model's embeddings have {n_embd} dimensions; "
+                                   f"'dimensions' = {req.dimensions} is not supported.",
+                                   param="dimensions", code="invalid_value")
+            body = self._body(req, target)
+            resp = await unless_disconnected(request, self._send("POST", path, body))
+        except APIError as exc:
+            self.stats.record("rejected" if exc.status in (429, 503) else "failed")
+            raise
+        except ClientGone:
+            self.stats.record("cancelled")
+            raise
+        if resp.status_code != 200:
+            try:
+                content = await resp.aread()
+            except httpx.HTTPError:
+                content = b""
+            finally:
+                await resp.aclose()
+            error = upstream_error(resp.status_code, content, self.url)
+            self.stats.record("rejected" if error.status in (429, 503) else "failed")
+            raise error
+        self.stats.begin()
+        return resp, t0
+
+    async def _read_all(self, resp: httpx.Response, request: Request) -> bytes:
+        """The whole answer of a non-streamed request; bookkeeping for failures."""
+        try:
+            return await unless_disconnected(request, resp.aread())
+        except ClientGone:
+            self.stats.end("cancelled")
+            raise
+        except httpx.HTTPError as exc:
+            self.stats.end("failed")
+            if isinstance(exc, httpx.TimeoutException):
+                raise self._transport_error(exc) from None
+            raise APIError(502, f"llama-server at {self.url} closed the connection before "
+                           f"its answer was complete ({exc}).",
+                           code="upstream_disconnected") from None
+        finally:
+            with anyio.CancelScope(shield=True):
+                await resp.aclose()
+
+    async def _generate(self, path: str, req: ChatCompletionRequest | CompletionRequest,
+                        request: Request) -> Response:
+        if log.isEnabledFor(logging.DEBUG):  # prompt text is logged at debug level only
+            log.debug("%s model=%s body=%r", path, req.model, req.model_dump(exclude_unset=True))
+        resp, t0 = await self._admit(req, request, path)
+        rewrite = ModelRewrite(req.model)
+        if req.stream:
+            return StreamingResponse(self._relay(resp, rewrite, t0, path),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        content = rewrite(await self._read_all(resp, request))
+        self.stats.end("completed", *token_counts(content))
+        return Response(content, media_type="application/json")
+
+    async def _relay(self, resp: httpx.Response, rewrite: ModelRewrite, t0: float,
+                     route: str) -> AsyncIterator[bytes]:
+        """Pass llama-server's SSE bytes through as they arrive, whole events at a time."""
+        outcome = "cancelled"  # unless the stream reaches its end
+        tail: collections.deque[bytes] = collections.deque(maxlen=3)
+        pending = b""
+        first = True
+        done = upstream_failed = False
+        try:
+            try:
+                async for chunk in resp.aiter_raw():
+                    if first:
+                        self.stats.ttft.labels(route).observe(time.monotonic() - t0)
+                        first = False
+                    data = pending + chunk if pending else chunk
+                    cut = data.rfind(b"\n\n") + 2
+                    if cut == 1:  # no event boundary yet
+                        if len(data) < MAX_PENDING:
+                            pending = data
+                            continue
+                        cut = len(data)
+                    out, pending = rewrite(data[:cut]), data[cut:]
+                    if _ERROR_EVENT in out:
+                        out = self._convert_errors(out)
+                        upstream_failed = True
+                    if _DONE_MARK in out:
+                        done = True
+                    tail.append(out)
+                    yield out
+            except httpx.HTTPError as exc:
+                log.warning("llama-server stream from %s broke: %r", self.url, exc)
+                if isinstance(exc, httpx.TimeoutException):
+                    msg = (f"llama-server at {self.url} sent nothing for "
+                           f"{self.settings.request_timeout:g}s; the stream was stopped.")
+                    code = "upstream_timeout"
+                else:
+                    msg = (f"The connection to llama-server at {self.url} was lost mid-stream "
+                           f"({exc or type(exc).__name__}); the answer is incomplete.")
+                    code = "upstream_disconnected"
+                    self._catalog = None
+                outcome = "failed"
+                yield event(error_body(msg, "upstream_error", None, code))
+                yield DONE
+                return
+            if not done:
+                if not upstream_failed:
+                    msg = (f"llama-server at {self.url} ended the stream without finishing "
+                           "it; the answer is incomplete.")
+                    yield event(error_body(msg, "upstream_error", None, "upstream_disconnected"))
+                outcome = "failed"
+                yield DONE
+                return
+            outcome = "failed" if upstream_failed else "completed"
+        finally:
+            with anyio.CancelScope(shield=True):
+                await resp.aclose()
+            prompt, completion = token_counts(b"".join(tail))
+            self.stats.end(outcome, prompt, completion)
+
+    def _convert_errors(self, block: bytes) -> bytes:
+        """llama-server's mid-stream ``data: {"error": {...}}`` events, in our error shape."""
+        events = block.split(b"\n\n")
+        for i, ev in enumerate(events):
+            if ev.startswith(_ERROR_EVENT):
+                try:
+                    err = orjson.loads(ev[len(b"data: "):]).get("error") or {}
+                    status = int(err.get("code") or 500)
+                except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+                    status = 500
+                api = upstream_error(status, ev[len(b"data: "):], self.url)
+                events[i] = event(api.body())[:-2]
+        return b"\n\n".join(events)
+
+    # --- embeddings -----------------------------------------------------------------------
+
+    async def embeddings(self, req: EmbeddingRequest, request: Request) -> Response:
+        resp, _ = await self._admit(req, request, "/v1/embeddings")
+        content = ModelRewrite(req.model)(await self._read_all(resp, request))
+        self.stats.end("completed", _first_int(_PROMPT_TOKENS, content) or 0)
+        return Response(content, media_type="application/json")
+
+    # --- facts ----------------------------------------------------------------------------
+
+    async def health(self) -> tuple[bool, str, dict[str, Any]]:
+        ready, reason, detail = await self._probe()
+        self._last_health = {**detail, "checked_at": time.time()}
+        self._loading = reason.startswith("loading")
+        return ready, reason, detail
+
+    async def _probe(self) -> tuple[bool, str, dict[str, Any]]:
+        try:
+            resp = await self._send("GET", "/health", timeout=HEALTH_TIMEOUT)
+            try:
+                content = await resp.aread()
+            finally:
+                await resp.aclose()
+        except (APIError, httpx.HTTPError) as exc:
+            why = exc.message if isinstance(exc, APIError) else \
+                f"llama-server at {self.url} is not reachable ({exc or type(exc).__name__})"
+            if self.supervisor is not None:
+                why += f"; {self.supervisor.describe()}"
+            return False, why, {"available": False, "ready": False, "details": why}
+        if resp.status_code == 200:
+            details = "llama-server is running and ready"
+            return True, "", {"available": True, "ready": True, "details": details}
+        said = upstream_error(resp.status_code, content, self.url).message
+        said = said.removeprefix("llama-server: ")
+        if resp.status_code == 503 and "loading" in said.lower():
+            details = f"llama-server at {self.url} is loading its model ({said})"
+            return False, f"loading model in llama-server at {self.url} ({said})", \
+                {"available": True, "ready": False, "details": details}
+        details = f"llama-server at {self.url} is not ready: HTTP {resp.status_code}, {said}"
+        return False, details, {"available": True, "ready": False, "details": details}
+
+    async def info(self) -> dict[str, Any]:
+        _, _, detail = await self.health()
+        upstream: dict[str, Any] = {"url": self.url, **detail}
+        models: list[dict[str, Any]] = []
+        if detail["available"]:
+            results: tuple[Any, ...] = await asyncio.gather(
+                self._get_json("/props"), self._get_json("/slots"), self.catalog(refresh=True),
+                return_exceptions=True)
+            props, slots, catalog = results
+            if isinstance(props, dict):
+                gen = props.get("default_generation_settings") or {}
+                upstream.update({
+                    "build_info": props.get("build_info"),
+                    "model_path": props.get("model_path"),
+                    "model_alias": props.get("model_alias"),
+                    "n_ctx": gen.get("n_ctx") if isinstance(gen, dict) else None,
+                    "total_slots": props.get("total_slots"),
+                    "modalities": props.get("modalities"),
+                })
+            if isinstance(slots, list):
+                upstream["slots_busy"] = sum(
+                    1 for s in slots if isinstance(s, dict) and s.get("is_processing"))
+            if isinstance(catalog, list):
+                models = [m.meta() for m in catalog]
+        return {
+            "backend": self.name,
+            "upstream": upstream,
+            "default_model": models[0] if models else None,
+            "models": models,
+            "supervisor": self.supervisor.status() if self.supervisor is not None else None,
+            "settings": {
+                "llamacpp_url": self.url,
+                "request_timeout_seconds": self.settings.request_timeout,
+                "llama_server_bin": str(self.settings.llama_server_bin)
+                if self.settings.llama_server_bin else None,
+            },
+        }
+
+    def status(self) -> dict[str, Any]:
+        h = self._last_health
+        loaded = [{"id": m.id, "upstream_id": m.upstream_id, "path": m.path}
+                  for m in self._catalog or []]
+        out: dict[str, Any] = {
+            "loaded_models": loaded,
+            "loading": [m["id"] for m in loaded] if self._loading else [],
+            "upstream": {"url": self.url, **h},
+        }
+        if self.supervisor is not None:
+            out["supervisor"] = self.supervisor.status()
+        return out

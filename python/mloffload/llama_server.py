@@ -1,0 +1,194 @@
+"""Start and supervise llama.cpp's own ``llama-server`` (``--llama-server-bin PATH``).
+
+The supervised server gets the registry's default model, the offload planner's ``-ngl``,
+mean-pooled embeddings, and the host and port of ``llamacpp_url``. If it dies it is started
+again, after a pause that doubles with each quick failure (1 s up to 30 s). Its output goes
+to ``<data_dir>/llama-server.log``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+from .config import ConfigError, Settings
+from .gpu import GPUProbe
+from .planner import OffloadPlan, plan_offload
+from .registry import ModelEntry, Registry
+
+log = logging.getLogger("mloffload.llama_server")
+
+MIN_BACKOFF = 1.0
+MAX_BACKOFF = 30.0
+STABLE_AFTER = 60.0  # a run this long resets the back-off
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the supervising process dies, even by SIGKILL."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def loopback_port(url: str) -> tuple[str, int]:
+    """The host and port llama-server should listen on, from ``llamacpp_url``."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ConfigError(f"llamacpp_url must be an http:// URL to supervise llama-server, "
+                          f"not {url!r}")
+    return parts.hostname, parts.port or 80
+
+
+def plan_for(entry: ModelEntry, settings: Settings, gpu: GPUProbe) -> OffloadPlan:
+    assert entry.info is not None
+    snap = gpu.snapshot()
+    card = snap.gpu(settings.gpu) if snap.available else None
+    n_ctx = settings.n_ctx
+    if entry.info.context_length:
+        n_ctx = min(n_ctx, entry.info.context_length)
+    return plan_offload(
+        entry.info, n_ctx=n_ctx, free_vram=card.free_bytes if card else None,
+        margin=settings.vram_margin, requested=settings.n_gpu_layers,
+        offload_supported=card is not None,
+        no_gpu_reason=snap.reason or f"GPU {settings.gpu} not found",
+    )
+
+
+def command_line(binary: str, entry: ModelEntry, plan: OffloadPlan, settings: Settings,
+                 host: str, port: int) -> list[str]:
+    args = [binary, "-m", entry.path, "--host", host, "--port", str(port),
+            "-c", str(plan.n_ctx), "-ngl", str(plan.n_gpu_layers),
+            "--embeddings", "--pooling", "mean", "--metrics"]
+    if settings.threads > 0:
+        args += ["-t", str(settings.threads)]
+    if plan.n_gpu_layers > 0:
+        args += ["--main-gpu", str(settings.gpu)]
+    info = entry.info
+    if info is not None and not info.has_chat_template and \
+            (info.architecture or "").startswith("gemma"):
+        # The embedded Gemma 3 base model ships no template; llama-server would use ChatML.
+        args += ["--chat-template", "gemma"]
+    return args
+
+
+class LlamaServerSupervisor:
+    def __init__(self, settings: Settings, registry: Registry, gpu: GPUProbe) -> None:
+        if settings.llama_server_bin is None:
+            raise ConfigError("llama_server_bin is not set")
+        self.settings = settings
+        self.registry = registry
+        self.gpu = gpu
+        self.binary = str(settings.llama_server_bin)
+        self.host, self.port = loopback_port(settings.llamacpp_url)
+        self.log_path = settings.data_dir / "llama-server.log"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.args: list[str] = []
+        self.plan: OffloadPlan | None = None
+        self.model_id: str | None = None
+        self.restarts = 0
+        self.last_exit: int | None = None
+        self.started_at: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._log: IO[bytes] | None = None
+
+    async def start(self) -> None:
+        if not os.access(self.binary, os.X_OK):
+            raise ConfigError(f"llama_server_bin {self.binary} is not an executable file")
+        default = self.registry.default_id()
+        entry = self.registry.get(default) if default else None
+        if entry is None or not entry.usable or entry.info is None:
+            raise ConfigError("llama-server cannot be started: the registry has no usable "
+                              "default model")
+        self.model_id = entry.id
+        self.plan = plan_for(entry, self.settings, self.gpu)
+        self.args = command_line(self.binary, entry, self.plan, self.settings,
+                                 self.host, self.port)
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("ab")
+        log.info("starting llama-server for %s with -ngl %d (%s); log: %s", entry.id,
+                 self.plan.n_gpu_layers, self.plan.reason, self.log_path)
+        await self._spawn()
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _spawn(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.args, stdin=asyncio.subprocess.DEVNULL, stdout=self._log,
+            stderr=asyncio.subprocess.STDOUT, preexec_fn=_die_with_parent)
+        self.started_at = time.monotonic()
+        log.info("llama-server started (pid %d) on %s:%d", self.proc.pid, self.host, self.port)
+
+    async def _watch(self) -> None:
+        backoff = MIN_BACKOFF
+        while not self._stopping:
+            assert self.proc is not None and self.started_at is not None
+            code = await self.proc.wait()
+            if self._stopping:
+                return
+            self.last_exit = code
+            ran = time.monotonic() - self.started_at
+            if ran >= STABLE_AFTER:
+                backoff = MIN_BACKOFF
+            log.warning("llama-server (pid %d) exited with %s after %.0fs; restarting in %.0fs "
+                        "(see %s)", self.proc.pid, code, ran, backoff, self.log_path)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+            if self._stopping:
+                return
+            try:
+                await self._spawn()
+                self.restarts += 1
+            except OSError as exc:
+                log.error("could not restart llama-server: %s", exc)
+                self.started_at = time.monotonic()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._log is not None:
+            self._log.close()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def describe(self) -> str:
+        if self.running:
+            assert self.proc is not None
+            return f"supervised llama-server pid {self.proc.pid} is starting"
+        return (f"supervised llama-server exited ({self.last_exit}) and is being restarted; "
+                f"see {self.log_path}")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "binary": self.binary,
+            "pid": self.proc.pid if self.running and self.proc is not None else None,
+            "running": self.running,
+            "model": self.model_id,
+            "args": self.args,
+            "restarts": self.restarts,
+            "last_exit_code": self.last_exit,
+            "log": str(self.log_path),
+            "plan": self.plan.to_dict() if self.plan is not None else None,
+        }
