@@ -21,6 +21,9 @@ from .options import PluginOptions
 from .routing import Route, Router
 
 FLOAT = "ml-offload.float"
+# At most one buffer update per this many seconds while text streams in (a fast GPU makes
+# hundreds of tokens a second; the eye needs far fewer updates, the editor likes fewer).
+FLUSH_INTERVAL = 0.03
 _request_ids = itertools.count(1)
 
 
@@ -80,6 +83,7 @@ class ChatSession:
         self._pending: list[str] = []
         self._pending_lock = threading.Lock()
         self._flush_queued = False
+        self._last_flush = 0.0  # when the worker last queued an update
 
     @property
     def busy(self) -> bool:
@@ -124,6 +128,7 @@ class ChatSession:
             close = getattr(stream, "close", None)
             if close is not None:
                 close()
+            self._push("", last=True)
         self.bridge.later(self._end, turn, None)
 
     def _pieces(self, turn: _Turn, route: Route, opts: PluginOptions,
@@ -151,12 +156,19 @@ class ChatSession:
         model = opts.fallback_model if route.is_fallback else opts.model
         self.bridge.later(self._retitle, model, route.backend)
 
-    def _push(self, piece: str) -> None:
+    def _push(self, piece: str, last: bool = False) -> None:
+        """Queue text for the buffer. Held back while an update is queued, or for up to
+        FLUSH_INTERVAL after the last one (the next piece or the end sends it)."""
+        now = time.monotonic()
         with self._pending_lock:
-            self._pending.append(piece)
-            if self._flush_queued:
+            if piece:
+                self._pending.append(piece)
+            if self._flush_queued or not self._pending:
+                return
+            if not last and now - self._last_flush < FLUSH_INTERVAL:
                 return
             self._flush_queued = True
+            self._last_flush = now
         self.bridge.later(self._flush)
 
     # --- buffer updates (event loop) ----------------------------------------------------
