@@ -59,7 +59,7 @@ class Bridge:
             try:
                 work()
             except Exception as exc:
-                log.debug("%s failed: %r", name, exc)
+                log.warning("%s failed: %s", name, exc, exc_info=True)
                 self.later(on_error, exc)
 
         thread = threading.Thread(target=run, name=f"ml-offload-{name}", daemon=True)
