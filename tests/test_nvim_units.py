@@ -149,9 +149,14 @@ def test_fallback_parameters_and_install_hints(monkeypatch: pytest.MonkeyPatch) 
         fallback.Fallback().check_installed()
 
 
-def test_fallback_keep_alive_unloads_and_release(data_dir: Path) -> None:
-    fb = fallback.Fallback(keep_alive=0.5, data_dir=data_dir, environ={"ML_OFFLOAD_N_CTX": "512"})
+def test_fallback_from_a_gguf_path_keeps_alive_then_unloads(model_path: Path,
+                                                            tmp_path: Path) -> None:
+    """fallback_model may be a .gguf path; the model unloads after keep_alive idle, and
+    at once on release() (what the plugin calls when the server is back)."""
+    fb = fallback.Fallback(str(model_path), keep_alive=0.5, data_dir=tmp_path, environ={
+        "ML_OFFLOAD_N_CTX": "512", "ML_OFFLOAD_DEFAULT_MODEL": str(model_path)})
     try:
+        assert fb.resolve().path == str(model_path)
         vector, model = fb.embed("hello")
         assert len(vector) > 0 and fb.loaded and model == fb.describe()["model"]
         deadline = threading.Event()
@@ -163,6 +168,7 @@ def test_fallback_keep_alive_unloads_and_release(data_dir: Path) -> None:
         fb.keep_alive = -1
         fb.embed("again")
         assert fb.loaded and fb.release() and not fb.loaded
-        assert fb.describe() == {"loaded": False, "model": "default"}
+        assert fb.describe() == {"loaded": False, "model": str(model_path)}
+        assert fb.readiness()["ok"] is True
     finally:
         fb.close()
