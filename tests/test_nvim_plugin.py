@@ -213,7 +213,7 @@ def test_visual_selection_and_followup_carry_context_and_history(
         editor: Factory, server: ServerProcess) -> None:
     proxy = RecordingProxy(server.url)
     try:
-        ed = editor(api_url=proxy.url, params=params(12))
+        ed = editor(api_url=proxy.url, params=params(12), system_prompt="Answer briefly.")
         ed.nvim.command("setfiletype lua")
         ed.nvim.current.buffer[:] = ["local answer = 42", "print(answer)", "return answer"]
         keys(ed, "ggVj<leader>mc")
@@ -231,9 +231,12 @@ def test_visual_selection_and_followup_carry_context_and_history(
         ed.nvim.input("And in Python?<CR>")
         ed.wait_event("finished", 2)
         (req1, ans1), (req2, ans2) = proxy.chats()
-        assert "local answer = 42\nprint(answer)" in req1["messages"][0]["content"]
+        system = {"role": "system", "content": "Answer briefly."}
+        assert req1["messages"][0] == system
+        assert "local answer = 42\nprint(answer)" in req1["messages"][1]["content"]
         assert req2["messages"] == [
-            req1["messages"][0],
+            system,
+            req1["messages"][1],
             {"role": "assistant", "content": ans1},
             {"role": "user", "content": "And in Python?"},
         ]
