@@ -118,12 +118,12 @@ class ChatSession:
         stream = self._pieces(turn, route, opts, history)
         try:
             for piece in stream:
+                if turn.cancel.is_set():  # nothing more shows once the user cancelled
+                    break
                 if turn.first is None:
                     turn.first = time.monotonic()
                 turn.parts.append(piece)
                 self._push(piece)
-                if turn.cancel.is_set():
-                    break
         finally:
             close = getattr(stream, "close", None)
             if close is not None:
