@@ -7,13 +7,14 @@ The binary comes from ``ML_OFFLOAD_LLAMA_SERVER_BIN`` (``./dev test`` exports it
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -135,3 +136,16 @@ class LlamaServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def running(model: Path, log_dir: Path, port: int, args: Sequence[str] = ()
+            ) -> Iterator[LlamaServer]:
+    """A started, ready llama-server, stopped at the end."""
+    with LlamaServer(model, log_dir, port, args) as server:
+        yield server.start().wait_ready()
+
+
+def proxy_env(url: str) -> dict[str, str]:
+    """The environment that puts our server in front of the llama-server at ``url``."""
+    return {"ML_OFFLOAD_BACKEND": "llama-server", "ML_OFFLOAD_LLAMACPP_URL": url}

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from helpers import ServerProcess, assert_openai_error, free_port, sse_events
-from llama_server import LlamaServer
+from llama_server import LlamaServer, proxy_env, running
 
 REGISTRY_ID = "gemma-3-270m-q4_k_m"
 CHAT = "/v1/chat/completions"
@@ -27,22 +27,15 @@ LONG_TOKENS = 1500  # far more than a test ever waits for: only a stopped upstre
 
 @pytest.fixture(scope="module")
 def upstream(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
-    server = LlamaServer(model_path, tmp_path_factory.mktemp("llama-server"), free_port(),
-                         args=["--embeddings", "--pooling", "mean", "--chat-template", "gemma"])
-    try:
-        yield server.start().wait_ready()
-    finally:
-        server.stop()
+    with running(model_path, tmp_path_factory.mktemp("llama-server"), free_port(),
+                 ["--embeddings", "--pooling", "mean", "--chat-template", "gemma"]) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def proxy(data_dir: Path, upstream: LlamaServer) -> Iterator[ServerProcess]:
-    proc = ServerProcess(data_dir, env={"ML_OFFLOAD_BACKEND": "llama-server",
-                                        "ML_OFFLOAD_LLAMACPP_URL": upstream.url})
-    try:
+    with ServerProcess(data_dir, env=proxy_env(upstream.url)) as proc:
         yield proc.wait_ready()
-    finally:
-        proc.stop()
 
 
 @pytest.fixture

@@ -408,13 +408,14 @@ class UpstreamBackend:
         self.stats.begin()
         return resp, t0
 
-    async def _read_all(self, resp: httpx.Response, request: Request) -> bytes:
-        """The whole answer of a non-streamed request; bookkeeping for failures."""
+    async def _read_all(self, resp: httpx.Response) -> bytes:
+        """The whole answer of a non-streamed request; bookkeeping for failures.
+
+        llama-server sends its headers only once the answer is ready, so the body follows
+        at once: the wait that a leaving client must cut short was the one for the headers.
+        """
         try:
-            return await unless_disconnected(request, resp.aread())
-        except ClientGone:
-            self.stats.end("cancelled")
-            raise
+            return await resp.aread()
         except httpx.HTTPError as exc:
             self.stats.end("failed")
             if isinstance(exc, httpx.TimeoutException):
@@ -422,6 +423,9 @@ class UpstreamBackend:
             raise APIError(502, f"llama-server at {self.url} closed the connection before "
                            f"its answer was complete ({exc}).",
                            code="upstream_disconnected") from None
+        except BaseException:
+            self.stats.end("cancelled")
+            raise
         finally:
             with anyio.CancelScope(shield=True):
                 await resp.aclose()
@@ -435,7 +439,7 @@ class UpstreamBackend:
         if req.stream:
             return StreamingResponse(self._relay(resp, rewrite, t0, path),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        content = rewrite(await self._read_all(resp, request))
+        content = rewrite(await self._read_all(resp))
         self.stats.end("completed", *token_counts(content))
         return Response(content, media_type="application/json")
 
@@ -516,7 +520,7 @@ class UpstreamBackend:
 
     async def embeddings(self, req: EmbeddingRequest, request: Request) -> Response:
         resp, _ = await self._admit(req, request, "/v1/embeddings")
-        content = ModelRewrite(req.model)(await self._read_all(resp, request))
+        content = ModelRewrite(req.model)(await self._read_all(resp))
         self.stats.end("completed", _first_int(_PROMPT_TOKENS, content) or 0)
         return Response(content, media_type="application/json")
 
