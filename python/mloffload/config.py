@@ -144,6 +144,8 @@ OPTIONS: tuple[Option, ...] = (
            "registry id, alias or .gguf path answered for model 'default' "
            "(default: the embedded Gemma 3 270M)", "MODEL"),
     Option("n_ctx", 4096, parse_int, "context length per loaded model, in tokens", "N"),
+    Option("max_tokens", 0, parse_int,
+           "most tokens one request may generate (0: whatever context is left)", "N"),
     Option("threads", 0, parse_int, "CPU threads for llama.cpp (0: all cores)", "N"),
     Option("n_gpu_layers", None, parse_gpu_layers,
            "layers to offload to the GPU: auto (fit free VRAM), -1 (all) or a number", "auto|N"),
@@ -196,6 +198,7 @@ class Settings:
     models_dir: tuple[Path, ...] = ()
     default_model: str = ""
     n_ctx: int = 4096
+    max_tokens: int = 0
     threads: int = 0
     n_gpu_layers: int | None = None
     vram_margin: int = 512 * 1024**2
@@ -308,6 +311,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"port must be between 1 and 65535, not {s.port}")
     if s.n_ctx < 16:
         raise ConfigError(f"n_ctx must be at least 16, not {s.n_ctx}")
+    if s.max_tokens < 0:
+        raise ConfigError("max_tokens must not be negative (0 means no cap)")
     if s.max_loaded < 1:
         raise ConfigError("max_loaded must be at least 1")
     if s.max_queue < 0:

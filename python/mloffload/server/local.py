@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import threading
 import time
@@ -24,6 +25,7 @@ from ..engine.base import (
     Embeddings,
     EngineError,
     GenerationResult,
+    SamplingParams,
 )
 from .backend import ClientGone, unless_disconnected
 from .errors import APIError, error_body
@@ -140,7 +142,7 @@ class LocalBackend:
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         messages = req.message_dicts()
-        params = req.sampling()
+        params = self._capped(req.sampling())
         if log.isEnabledFor(logging.DEBUG):  # prompt text is logged at debug level only
             log.debug("chat model=%s params=%s messages=%r", req.model, params, messages)
 
@@ -152,7 +154,7 @@ class LocalBackend:
 
     async def completion(self, req: CompletionRequest, request: Request) -> Response:
         prompt = req.prompt_text
-        params = req.sampling()
+        params = self._capped(req.sampling())
         if log.isEnabledFor(logging.DEBUG):
             log.debug("completion model=%s params=%s prompt=%r", req.model, params, prompt)
 
@@ -161,6 +163,12 @@ class LocalBackend:
             return lambda: engine.complete(prompt, params, job.result, job.cancel)
 
         return await self._generate(request, req, start, chat=False)
+
+    def _capped(self, params: SamplingParams) -> SamplingParams:
+        cap = self.settings.max_tokens
+        if cap and (params.max_tokens is None or params.max_tokens > cap):
+            return dataclasses.replace(params, max_tokens=cap)
+        return params
 
     async def _generate(
         self,
@@ -190,7 +198,7 @@ class LocalBackend:
                                 cid=cid, created=created, model=req.model, chat=chat,
                                 include_usage=req.include_usage)
             route = "/v1/chat/completions" if chat else "/v1/completions"
-            return StreamingResponse(self._sse(job, pipe, tpl, route),
+            return StreamingResponse(self._sse(job, pipe, tpl, route, request),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         try:
             text = await unless_disconnected(request, _collect(pipe))
@@ -203,6 +211,7 @@ class LocalBackend:
             raise APIError(504, f"The request ran longer than {self.settings.request_timeout:g}s "
                            "and was stopped.", code="request_timeout")
         r = job.result
+        _note_tokens(request, r.prompt_tokens, r.completion_tokens)
         finish = r.finish_reason or "stop"
         usage = {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
                  "total_tokens": r.prompt_tokens + r.completion_tokens}
@@ -224,8 +233,8 @@ class LocalBackend:
             }
         return json_response(body)
 
-    async def _sse(self, job: Job, pipe: TokenPipe, tpl: ChunkTemplate,
-                   route: str) -> AsyncIterator[bytes]:
+    async def _sse(self, job: Job, pipe: TokenPipe, tpl: ChunkTemplate, route: str,
+                   request: Request) -> AsyncIterator[bytes]:
         finished = False
         try:
             if tpl.chat:
@@ -249,6 +258,7 @@ class LocalBackend:
                     first = False
                 yield tpl.text(text)
             r = job.result
+            _note_tokens(request, r.prompt_tokens, r.completion_tokens)
             if job.timed_out:
                 msg = (f"The request ran longer than {self.settings.request_timeout:g}s "
                        "and was stopped.")
@@ -294,6 +304,7 @@ class LocalBackend:
             raise
         if isinstance(out, BaseException):
             raise engine_api_error(out)
+        _note_tokens(request, out.prompt_tokens, 0)
         data = []
         for i, vec in enumerate(out.vectors):
             emb: Any = vec
@@ -360,6 +371,12 @@ class LocalBackend:
 
     def status(self) -> dict[str, Any]:
         return {"loaded_models": self.manager.status(), "loading": self.manager.loading()}
+
+
+def _note_tokens(request: Request, prompt_tokens: int, completion_tokens: int) -> None:
+    """For the access log line (see guard.py)."""
+    request.state.prompt_tokens = prompt_tokens
+    request.state.completion_tokens = completion_tokens
 
 
 async def _collect(pipe: TokenPipe) -> str:
