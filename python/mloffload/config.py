@@ -146,7 +146,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("n_ctx", 4096, parse_int, "context length per loaded model, in tokens", "N"),
     Option("max_tokens", 0, parse_int,
            "most tokens one request may generate (0: whatever context is left)", "N"),
-    Option("threads", 0, parse_int, "CPU threads for llama.cpp (0: all cores)", "N"),
+    Option("threads", 0, parse_int,
+           "CPU threads for llama.cpp (0: half the logical CPUs, at least 1)", "N"),
     Option("n_gpu_layers", None, parse_gpu_layers,
            "layers to offload to the GPU: auto (fit free VRAM), -1 (all) or a number", "auto|N"),
     Option("vram_margin", 512 * 1024**2, parse_size,
@@ -220,7 +221,10 @@ class Settings:
 
     @property
     def effective_threads(self) -> int:
-        return self.threads if self.threads > 0 else max(1, os.cpu_count() or 1)
+        """llama.cpp's threads spin at a barrier every layer: one more thread than there are
+        free cores stalls a token for a whole scheduler slice. Half the logical CPUs (the
+        physical cores on SMT machines) leaves room for the HTTP loop and the clients."""
+        return self.threads if self.threads > 0 else max(1, (os.cpu_count() or 2) // 2)
 
     @property
     def registry_path(self) -> Path:
