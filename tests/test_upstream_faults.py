@@ -162,19 +162,31 @@ class FakeLlamaServer(http.server.BaseHTTPRequestHandler):
             self.do_GET()
         elif self.mode == "html":
             self._json(500, b"<html><body>proxy says oops</body></html>", "text/html")
-        else:  # stream one chunk, then an error event (or nothing) and no [DONE]
+        else:  # a stream: one event, then an error event, nothing, or more and [DONE]
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            events = [{"choices": [{"index": 0, "text": "Once", "finish_reason": None}],
-                       "model": "fake.gguf", "object": "text_completion"}]
+            words = ["Once", " upon", " a", " time"] if self.mode == "split" else ["Once"]
+            body = b"".join(
+                b"data: " + json.dumps({"choices": [{"index": 0, "text": w,
+                                                     "finish_reason": None}],
+                                        "model": "fake.gguf",
+                                        "object": "text_completion"}).encode() + b"\n\n"
+                for w in words)
             if self.mode == "error-event":
-                events.append({"error": {"code": 500, "message": "slot crashed",
-                                         "type": "server_error"}})
-            for e in events:
-                data = b"data: " + json.dumps(e).encode() + b"\n\n"
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                body += b'data: {"error": {"code": 500, "message": "slot crashed", ' \
+                        b'"type": "server_error"}}\n\n'
+            if self.mode == "split":  # cut everywhere, even inside "model": ..., and wait
+                body += b"data: [DONE]\n\n"
+                pieces = [body[i:i + 7] for i in range(0, len(body), 7)]
+            else:
+                pieces = [body]
+            for piece in pieces:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.flush()
+                if len(pieces) > 1:
+                    time.sleep(0.002)
             self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
@@ -228,6 +240,16 @@ def test_error_event_mid_stream_is_converted(fake_proxy: ServerProcess) -> None:
     err = events[-2]["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert err["message"] == "llama-server: slot crashed" and err["type"] == "server_error"
+
+
+def test_events_split_across_reads_are_relayed_whole(fake_proxy: ServerProcess) -> None:
+    with fake_api(fake_proxy, "split") as api, \
+            api.stream("POST", "/v1/completions", json={"prompt": "x", "stream": True}) as r:
+        raw = r.read()
+    assert raw.endswith(b"data: [DONE]\n\n")
+    events = [json.loads(e[len(b"data: "):]) for e in raw.split(b"\n\n")[:-2]]
+    assert "".join(e["choices"][0]["text"] for e in events) == "Once upon a time"
+    assert {e["model"] for e in events} == {"default"}  # rewritten even when cut mid-field
 
 
 def test_stream_ending_without_done_gets_an_error(fake_proxy: ServerProcess) -> None:

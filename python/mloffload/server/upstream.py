@@ -53,6 +53,7 @@ _PROMPT_N = re.compile(rb'"prompt_n"\s*:\s*(\d+)')
 _CACHE_N = re.compile(rb'"cache_n"\s*:\s*(\d+)')
 _ERROR_EVENT = b'data: {"error"'
 _DONE_MARK = b"data: [DONE]"
+_CLOSE = {"Connection": "close"}
 
 # llama-server's error types (server-common.cpp) → our codes; others keep its type as code.
 _UPSTREAM_CODES = {
@@ -200,6 +201,9 @@ class UpstreamBackend:
         self._last_health: dict[str, Any] = {
             "available": False, "ready": False, "details": "not checked yet", "checked_at": None}
         self._loading = False
+        self._urls: dict[str, httpx.URL] = {}
+        self._timeout: dict[str, float | None] = {}
+        self._close_headers = httpx.Headers()
         self.supervisor: LlamaServerSupervisor | None = None
         if settings.llama_server_bin is not None:
             self.supervisor = LlamaServerSupervisor(settings, registry, gpu or GPUProbe())
@@ -217,16 +221,19 @@ class UpstreamBackend:
         s = self.settings
         # httpx logs every request at INFO; our access log already has one line per request.
         logging.getLogger("httpx").setLevel(logging.WARNING)
+        timeout = httpx.Timeout(connect=5.0, read=s.request_timeout, write=30.0,
+                                pool=s.load_timeout)
+        self._timeout = timeout.as_dict()
         self._client = httpx.AsyncClient(
             base_url=self.url,
-            timeout=httpx.Timeout(connect=5.0, read=s.request_timeout, write=30.0,
-                                  pool=s.load_timeout),
+            timeout=timeout,
             # llama-server closes idle connections after 5 s: drop ours a little earlier.
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=64,
                                 keepalive_expiry=4.0),
             headers={"Content-Type": "application/json", "Accept-Encoding": "identity"},
             trust_env=False,  # never send loopback traffic through an HTTP proxy
         )
+        self._close_headers = httpx.Headers({**self._client.headers, **_CLOSE})
         if self.supervisor is not None:
             await self.supervisor.start()
         ready, reason, _ = await self.health()
@@ -266,13 +273,23 @@ class UpstreamBackend:
                         f"{exc or type(exc).__name__}.", code="upstream_error")
 
     async def _send(self, method: str, path: str, body: bytes | None = None,
-                    timeout: float | None = None) -> httpx.Response:
-        """Send one request, streaming the answer; transport failures become APIErrors."""
+                    timeout: float | None = None, last: bool = False) -> httpx.Response:
+        """Send one request, streaming the answer; transport failures become APIErrors.
+
+        ``last``: the connection's last request. llama-server closes a connection after a
+        streamed answer, so one reused after a stream would fail; saying so up front keeps
+        it out of the pool.
+        """
         client = self.client
-        kwargs: dict[str, Any] = {}
-        if timeout is not None:
-            kwargs["timeout"] = timeout
-        req = client.build_request(method, path, content=body, **kwargs)
+        # Built directly rather than with client.build_request: the URL, headers and
+        # timeouts are the same every time, and merging them costs more than the rest.
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = client.base_url.join(path.lstrip("/"))
+        headers = self._close_headers if last else client.headers
+        ext = {"timeout": self._timeout if timeout is None else
+               httpx.Timeout(timeout).as_dict()}
+        req = httpx.Request(method, url, headers=headers, content=body, extensions=ext)
         for attempt in (1, 2):
             try:
                 return await client.send(req, stream=True)
@@ -388,7 +405,9 @@ class UpstreamBackend:
                                    f"'dimensions' = {req.dimensions} is not supported.",
                                    param="dimensions", code="invalid_value")
             body = self._body(req, target)
-            resp = await unless_disconnected(request, self._send("POST", path, body))
+            stream = isinstance(req, ChatCompletionRequest | CompletionRequest) and req.stream
+            resp = await unless_disconnected(request,
+                                             self._send("POST", path, body, last=stream))
         except APIError as exc:
             self.stats.record("rejected" if exc.status in (429, 503) else "failed")
             raise
@@ -458,13 +477,16 @@ class UpstreamBackend:
                         self.stats.ttft.labels(route).observe(time.monotonic() - t0)
                         first = False
                     data = pending + chunk if pending else chunk
-                    cut = data.rfind(b"\n\n") + 2
-                    if cut == 1:  # no event boundary yet
-                        if len(data) < MAX_PENDING:
-                            pending = data
-                            continue
-                        cut = len(data)
-                    out, pending = rewrite(data[:cut]), data[cut:]
+                    if data.endswith(b"\n\n"):  # the usual case: whole events, no copy
+                        out, pending = rewrite(data), b""
+                    else:
+                        cut = data.rfind(b"\n\n") + 2
+                        if cut == 1:  # no event boundary yet
+                            if len(data) < MAX_PENDING:
+                                pending = data
+                                continue
+                            cut = len(data)
+                        out, pending = rewrite(data[:cut]), data[cut:]
                     if _ERROR_EVENT in out:
                         out = self._convert_errors(out)
                         upstream_failed = True
