@@ -27,6 +27,7 @@ import httpx
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from ..config import Settings
 from ..gpu import GPUProbe
@@ -174,6 +175,43 @@ class UpstreamModel:
     def card(self) -> dict[str, Any]:
         return {"id": self.id, "object": "model", "created": self.created,
                 "owned_by": "llama-server", "meta": self.meta()}
+
+
+class Relay:
+    """One streamed answer's upstream response and bookkeeping, closed exactly once."""
+
+    __slots__ = ("backend", "closed", "outcome", "resp", "tail")
+
+    def __init__(self, backend: UpstreamBackend, resp: httpx.Response) -> None:
+        self.backend = backend
+        self.resp = resp
+        self.outcome = "cancelled"  # unless the stream reaches its end
+        self.tail: collections.deque[bytes] = collections.deque(maxlen=3)  # for the usage
+        self.closed = False
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with anyio.CancelScope(shield=True):
+            await self.resp.aclose()
+        prompt, completion = token_counts(b"".join(self.tail))
+        self.backend.stats.end(self.outcome, prompt, completion)
+
+
+class RelayResponse(StreamingResponse):
+    """A stream that closes its upstream even when it is never iterated (a client that
+    leaves between the answer's headers and its first byte), not only when it ends."""
+
+    def __init__(self, content: AsyncIterator[bytes], relay: Relay) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.relay = relay
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.relay.close()
 
 
 def _same_file(a: str | None, b: str) -> bool:
@@ -456,23 +494,22 @@ class UpstreamBackend:
         resp, t0 = await self._admit(req, request, path)
         rewrite = ModelRewrite(req.model)
         if req.stream:
-            return StreamingResponse(self._relay(resp, rewrite, t0, path),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            relay = Relay(self, resp)
+            return RelayResponse(self._relay(relay, rewrite, t0, path), relay)
         content = rewrite(await self._read_all(resp))
         self.stats.end("completed", *token_counts(content))
         return Response(content, media_type="application/json")
 
-    async def _relay(self, resp: httpx.Response, rewrite: ModelRewrite, t0: float,
+    async def _relay(self, relay: Relay, rewrite: ModelRewrite, t0: float,
                      route: str) -> AsyncIterator[bytes]:
         """Pass llama-server's SSE bytes through as they arrive, whole events at a time."""
-        outcome = "cancelled"  # unless the stream reaches its end
-        tail: collections.deque[bytes] = collections.deque(maxlen=3)
+        tail = relay.tail
         pending = b""
         first = True
         done = upstream_failed = False
         try:
             try:
-                async for chunk in resp.aiter_raw():
+                async for chunk in relay.resp.aiter_raw():
                     if first:
                         self.stats.ttft.labels(route).observe(time.monotonic() - t0)
                         first = False
@@ -505,7 +542,7 @@ class UpstreamBackend:
                            f"({exc or type(exc).__name__}); the answer is incomplete.")
                     code = "upstream_disconnected"
                     self._catalog = None
-                outcome = "failed"
+                relay.outcome = "failed"
                 yield event(error_body(msg, "upstream_error", None, code))
                 yield DONE
                 return
@@ -514,15 +551,12 @@ class UpstreamBackend:
                     msg = (f"llama-server at {self.url} ended the stream without finishing "
                            "it; the answer is incomplete.")
                     yield event(error_body(msg, "upstream_error", None, "upstream_disconnected"))
-                outcome = "failed"
+                relay.outcome = "failed"
                 yield DONE
                 return
-            outcome = "failed" if upstream_failed else "completed"
+            relay.outcome = "failed" if upstream_failed else "completed"
         finally:
-            with anyio.CancelScope(shield=True):
-                await resp.aclose()
-            prompt, completion = token_counts(b"".join(tail))
-            self.stats.end(outcome, prompt, completion)
+            await relay.close()
 
     def _convert_errors(self, block: bytes) -> bytes:
         """llama-server's mid-stream ``data: {"error": {...}}`` events, in our error shape."""
