@@ -3,7 +3,7 @@
 The supervised server gets the registry's default model, the offload planner's ``-ngl``,
 mean-pooled embeddings, and the host and port of ``llamacpp_url``. If it dies it is started
 again, after a pause that doubles with each quick failure (1 s up to 30 s). Its output goes
-to ``<data_dir>/llama-server.log``.
+to ``<data_dir>/llama-server.log`` (the previous one, past 16 MiB, to ``.log.1``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ log = logging.getLogger("mloffload.llama_server")
 MIN_BACKOFF = 1.0
 MAX_BACKOFF = 30.0
 STABLE_AFTER = 60.0  # a run this long resets the back-off
+LOG_KEEP = 16 * 1024**2
 
 
 def _die_with_parent() -> None:
@@ -115,6 +116,9 @@ class LlamaServerSupervisor:
         self.args = command_line(self.binary, entry, self.plan, self.settings,
                                  self.host, self.port)
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            if self.log_path.stat().st_size > LOG_KEEP:  # keep one previous log, not all
+                self.log_path.replace(self.log_path.with_suffix(".log.1"))
         self._log = self.log_path.open("ab")
         log.info("starting llama-server for %s with -ngl %d (%s); log: %s", entry.id,
                  self.plan.n_gpu_layers, self.plan.reason, self.log_path)
