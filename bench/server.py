@@ -150,12 +150,13 @@ class RawSystem(System):
         self.version = package_version("llama_cpp_python")
         self.description = (
             "llama_cpp.Llama in the benchmark process (n_ctx, n_batch, threads, n_gpu_layers "
-            "as ours; chat_format='gemma'); create_completion / create_chat_completion with "
-            "the same sampling arguments; timed around the call and at each yielded chunk")
+            "and flash attention as ours; chat_format='gemma'); create_completion / "
+            "create_chat_completion with the same sampling arguments; timed around the call "
+            "and at each yielded chunk")
         self.llm = llama_cpp.Llama(
             model_path=str(s.model), n_ctx=s.n_ctx, n_batch=s.n_batch, n_threads=s.threads,
             n_threads_batch=s.threads, n_gpu_layers=s.n_gpu_layers, chat_format="gemma",
-            verbose=False)
+            flash_attn=True, verbose=False)
 
     def _call(self, kind: str, stream: bool) -> Any:
         kw = self.s.sampling()
@@ -218,7 +219,8 @@ class RawGenerateSystem(System):
             "no completion dicts, no stop strings, no HTTP")
         self.llm = llama_cpp.Llama(
             model_path=str(s.model), n_ctx=s.n_ctx, n_batch=s.n_batch, n_threads=s.threads,
-            n_threads_batch=s.threads, n_gpu_layers=s.n_gpu_layers, verbose=False)
+            n_threads_batch=s.threads, n_gpu_layers=s.n_gpu_layers, flash_attn=True,
+            verbose=False)
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
         chat: Any = format_gemma(messages=s.messages())
         self._prompts = {
@@ -344,7 +346,7 @@ def start_llama_cpp_server(s: Settings, log_dir: Path) -> HTTPSystem:
            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(s.n_ctx),
            "--n_batch", str(s.n_batch), "--n_threads", str(s.threads),
            "--n_threads_batch", str(s.threads), "--n_gpu_layers", str(s.n_gpu_layers),
-           "--chat_format", "gemma", "--verbose", "False"]
+           "--chat_format", "gemma", "--flash_attn", "true", "--verbose", "False"]
     sysm = HTTPSystem(s, "llama_cpp_server", cmd, log_dir, port=port)
     sysm.ready_path = "/v1/models"
     sysm.version = package_version("llama_cpp_python")

@@ -295,6 +295,8 @@ def test_supervised_llama_server_is_restarted(data_dir: Path, tmp_path: Path) ->
         wait_for(back, timeout=240, what="llama-server to be restarted")
         r = api.post(CHAT, json={"messages": HELLO, "max_tokens": 2})
         assert r.status_code == 200, r.text
+        # The Gemma turn markup was rendered around the message (not a bare template name).
+        assert r.json()["usage"]["prompt_tokens"] >= 8, r.json()["usage"]
         second = api.get("/status").json()["supervisor"]["pid"]
     # Stopping our server stops the llama-server it started.
     wait_for(lambda: not psutil.pid_exists(second)

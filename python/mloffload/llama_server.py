@@ -78,7 +78,8 @@ def command_line(binary: str, entry: ModelEntry, plan: OffloadPlan, settings: Se
     if info is not None and not info.has_chat_template and \
             (info.architecture or "").startswith("gemma"):
         # The embedded Gemma 3 base model ships no template; llama-server would use ChatML.
-        args += ["--chat-template", "gemma"]
+        # With Jinja on (its default) the name would be read as a template's literal text.
+        args += ["--no-jinja", "--chat-template", "gemma"]
     return args
 
 

@@ -201,7 +201,7 @@ class LocalBackend:
             return StreamingResponse(self._sse(job, pipe, tpl, route, request),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         try:
-            text = await unless_disconnected(request, _collect(pipe))
+            text = await unless_disconnected(request, pipe.collect())
         except ClientGone:
             job.client_left()
             raise
@@ -378,9 +378,3 @@ def _note_tokens(request: Request, prompt_tokens: int, completion_tokens: int) -
     request.state.prompt_tokens = prompt_tokens
     request.state.completion_tokens = completion_tokens
 
-
-async def _collect(pipe: TokenPipe) -> str:
-    parts = []
-    while (text := await pipe.next_batch()) is not None:
-        parts.append(text)
-    return "".join(parts)

@@ -18,6 +18,7 @@ class TokenPipe:
         self._lock = threading.Lock()
         self._items: list[str] = []
         self._waiter: asyncio.Future[None] | None = None
+        self._want_items = True  # False while the consumer waits only for the end
         self._started = False
         self._done = False
         self._error: BaseException | None = None
@@ -37,7 +38,8 @@ class TokenPipe:
     def put(self, piece: str) -> None:
         with self._lock:
             self._items.append(piece)
-            self._wake()
+            if self._want_items:
+                self._wake()
 
     def finish(self, error: BaseException | None = None) -> None:
         with self._lock:
@@ -47,11 +49,12 @@ class TokenPipe:
 
     # --- event loop side --------------------------------------------------------------
 
-    async def _wait(self, ready: Callable[[], bool]) -> None:
+    async def _wait(self, ready: Callable[[], bool], want_items: bool = True) -> None:
         while True:
             with self._lock:
                 if ready():
                     return
+                self._want_items = want_items
                 waiter = self._waiter = self._loop.create_future()
             await waiter
 
@@ -71,6 +74,16 @@ class TokenPipe:
             if self._error is not None:
                 raise self._error
             return None
+
+    async def collect(self) -> str:
+        """All the text, once generation is over. Meanwhile the worker does not wake the
+        loop for each token: a non-streamed answer costs one wake-up, not one per token."""
+        await self._wait(lambda: self._done, want_items=False)
+        with self._lock:
+            items, self._items = self._items, []
+            if self._error is not None:
+                raise self._error
+        return "".join(items)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
