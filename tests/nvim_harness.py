@@ -13,7 +13,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -181,6 +181,29 @@ class Editor:
 
 _ERROR_LINE = re.compile(r"Traceback|stack traceback|Error detected|error caught|"
                          r"caused an error|\bE\d{2,4}: |Exception")
+
+
+@contextlib.contextmanager
+def editors(home: Path, manifest: Path, data_dir: Path) -> Iterator[Callable[..., Editor]]:
+    """A factory of editors sharing one registered manifest; all closed at the end."""
+    started: list[Editor] = []
+
+    def start(env: dict[str, str] | None = None, **setup: Any) -> Editor:
+        ed = Editor(home / f"home{len(started)}", manifest, setup=setup, env={
+            "ML_OFFLOAD_DATA_DIR": str(data_dir), "ML_OFFLOAD_N_CTX": "2048", **(env or {})})
+        started.append(ed)
+        return ed
+
+    try:
+        yield start
+    finally:
+        for ed in started:
+            ed.close()
+
+
+def chat_params(max_tokens: int) -> dict[str, Any]:
+    """Deterministic request parameters for the plugin's chats."""
+    return {"temperature": 0, "seed": 7, "max_tokens": max_tokens}
 
 
 class RecordingProxy:

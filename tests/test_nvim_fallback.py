@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from helpers import ServerProcess, free_port
-from nvim_harness import Editor, register_plugin
+from nvim_harness import Editor, chat_params, editors, register_plugin
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -32,21 +32,8 @@ def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def editor(tmp_path: Path, manifest: Path, data_dir: Path) -> Iterator[Factory]:
-    started: list[Editor] = []
-
-    def start(env: dict[str, str] | None = None, **setup: Any) -> Editor:
-        ed = Editor(tmp_path / f"home{len(started)}", manifest, setup=setup, env={
-            "ML_OFFLOAD_DATA_DIR": str(data_dir), "ML_OFFLOAD_N_CTX": "2048", **(env or {})})
-        started.append(ed)
-        return ed
-
-    yield start
-    for ed in started:
-        ed.close()
-
-
-def params(max_tokens: int) -> dict[str, Any]:
-    return {"temperature": 0, "seed": 7, "max_tokens": max_tokens}
+    with editors(tmp_path, manifest, data_dir) as start:
+        yield start
 
 
 def nowhere() -> str:
@@ -78,7 +65,7 @@ def test_fallback_chat_status_embed_models_and_cancel(editor: Factory, model_pat
     from mloffload.gguf_info import read_gguf_info
 
     info = read_gguf_info(model_path)
-    ed = editor(api_url=nowhere(), params=params(16))
+    ed = editor(api_url=nowhere(), params=chat_params(16))
     ed.nvim.command("MLChat Explain what a GGUF file is")
     buf = ed.wait_float(what="the chat float")["buf"]
     seen_loading = False
@@ -129,7 +116,7 @@ def test_fallback_chat_status_embed_models_and_cancel(editor: Factory, model_pat
 
     # Cancel stops the local generation: the engine itself reports it.
     ed.lua("require('ml-offload').setup(...)", {"api_url": ed.lua(
-        "return require('ml-offload.config').get().api_url"), "params": params(1500)})
+        "return require('ml-offload.config').get().api_url"), "params": chat_params(1500)})
     ed.nvim.command("MLChat Count from one to one thousand")
     buf2 = ed.wait_float(lambda f: f["buf"] not in (buf,) and "status" not in f["title"]
                          and "models" not in f["title"], what="the second chat")["buf"]
@@ -150,7 +137,7 @@ def test_fallback_chat_status_embed_models_and_cancel(editor: Factory, model_pat
 def test_server_takes_over_and_gives_back_mid_conversation(editor: Factory, data_dir: Path
                                                             ) -> None:
     port = free_port()
-    ed = editor(api_url=f"http://127.0.0.1:{port}", params=params(8))
+    ed = editor(api_url=f"http://127.0.0.1:{port}", params=chat_params(8))
     ed.nvim.command("MLChat Name three colors")
     buf = ed.wait_float(what="the chat float")["buf"]
     ed.wait(lambda: finished(ed), timeout=300, what="the fallback answer")
@@ -194,7 +181,7 @@ def test_server_takes_over_and_gives_back_mid_conversation(editor: Factory, data
 
 def test_fallback_off_is_one_clear_error(editor: Factory) -> None:
     url = nowhere()
-    ed = editor(api_url=url, fallback=False, params=params(4))
+    ed = editor(api_url=url, fallback=False, params=chat_params(4))
     ed.nvim.command("MLChat hello")
     data = ed.wait_event("finished")[0]
     assert not data["ok"]
@@ -212,7 +199,7 @@ def test_missing_llama_cpp_names_what_to_install(editor: Factory, tmp_path: Path
     (stub / "llama_cpp").mkdir(parents=True)
     (stub / "llama_cpp" / "__init__.py").write_text(
         "raise ImportError('llama_cpp blocked for this test')\n")
-    ed = editor(env={"PYTHONPATH": str(stub)}, api_url=nowhere(), params=params(4))
+    ed = editor(env={"PYTHONPATH": str(stub)}, api_url=nowhere(), params=chat_params(4))
     ed.nvim.command("checkhealth ml-offload")
     report = "\n".join(ed.nvim.current.buffer[:])
     assert "ERROR not ready: llama-cpp-python is not importable" in report, report

@@ -19,7 +19,14 @@ import httpx
 import pytest
 
 from helpers import REPO, ServerProcess, free_port
-from nvim_harness import Editor, RecordingProxy, nvim_binary, register_plugin
+from nvim_harness import (
+    Editor,
+    RecordingProxy,
+    chat_params,
+    editors,
+    nvim_binary,
+    register_plugin,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -34,22 +41,8 @@ def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def editor(tmp_path: Path, manifest: Path, data_dir: Path) -> Iterator[Factory]:
-    started: list[Editor] = []
-
-    def start(**setup: Any) -> Editor:
-        ed = Editor(tmp_path / f"home{len(started)}", manifest,
-                    env={"ML_OFFLOAD_DATA_DIR": str(data_dir), "ML_OFFLOAD_N_CTX": "2048"},
-                    setup=setup)
-        started.append(ed)
-        return ed
-
-    yield start
-    for ed in started:
-        ed.close()
-
-
-def params(max_tokens: int) -> dict[str, Any]:
-    return {"temperature": 0, "seed": 7, "max_tokens": max_tokens}
+    with editors(tmp_path, manifest, data_dir) as start:
+        yield start
 
 
 def keys(ed: Editor, text: str) -> None:
@@ -170,7 +163,7 @@ def test_chat_streams_into_a_float_and_matches_the_server(editor: Factory, serve
                                                            ) -> None:
     proxy = RecordingProxy(server.url)
     try:
-        ed = editor(api_url=proxy.url, params=params(32))
+        ed = editor(api_url=proxy.url, params=chat_params(32))
         ed.nvim.command("MLChat Explain what a GGUF file is")
         chat = ed.wait_float(what="the chat float")
         buf = chat["buf"]
@@ -213,7 +206,7 @@ def test_visual_selection_and_followup_carry_context_and_history(
         editor: Factory, server: ServerProcess) -> None:
     proxy = RecordingProxy(server.url)
     try:
-        ed = editor(api_url=proxy.url, params=params(12), system_prompt="Answer briefly.")
+        ed = editor(api_url=proxy.url, params=chat_params(12), system_prompt="Answer briefly.")
         ed.nvim.command("setfiletype lua")
         ed.nvim.current.buffer[:] = ["local answer = 42", "print(answer)", "return answer"]
         keys(ed, "ggVj<leader>mc")
@@ -250,7 +243,7 @@ def test_visual_selection_and_followup_carry_context_and_history(
 
 
 def test_chat_without_prompt_asks_for_it(editor: Factory, server: ServerProcess) -> None:
-    ed = editor(api_url=server.url, params=params(4))
+    ed = editor(api_url=server.url, params=chat_params(4))
     ed.nvim.command("MLChat")
     ed.wait(lambda: ed.nvim.api.get_mode()["mode"] == "c", what="the prompt")
     assert ed.floats() == []
@@ -263,7 +256,7 @@ def test_chat_without_prompt_asks_for_it(editor: Factory, server: ServerProcess)
 
 def test_editor_answers_while_streaming_and_ctrl_c_cancels(editor: Factory,
                                                            server: ServerProcess) -> None:
-    ed = editor(api_url=server.url, params=params(1500))
+    ed = editor(api_url=server.url, params=chat_params(1500))
     before = requests_status(server.url)
     ed.nvim.command("MLChat Count from one to one thousand, one number per line")
     buf = ed.wait_float(what="the chat float")["buf"]
@@ -295,7 +288,7 @@ def test_editor_answers_while_streaming_and_ctrl_c_cancels(editor: Factory,
 
 
 def test_http_error_is_one_clear_notification(editor: Factory, server: ServerProcess) -> None:
-    ed = editor(api_url=server.url, model="no-such-model", params=params(4))
+    ed = editor(api_url=server.url, model="no-such-model", params=chat_params(4))
     ed.nvim.command("MLChat hi")
     data = ed.wait_event("finished")[0]
     assert not data["ok"] and data["backend"] == "server"

@@ -27,8 +27,10 @@ LONG_TOKENS = 1500  # far more than a test ever waits for: only a stopped upstre
 
 @pytest.fixture(scope="module")
 def upstream(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
+    # --no-jinja: with Jinja on, "gemma" would be read as the template's literal text.
+    args = ["--embeddings", "--pooling", "mean", "--no-jinja", "--chat-template", "gemma"]
     with running(model_path, tmp_path_factory.mktemp("llama-server"), free_port(),
-                 ["--embeddings", "--pooling", "mean", "--chat-template", "gemma"]) as server:
+                 args) as server:
         yield server
 
 
