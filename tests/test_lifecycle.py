@@ -169,3 +169,23 @@ def test_gpu_endpoints_without_a_gpu(lifecycle_server: ServerProcess) -> None:
             "mloffload_model_load_seconds"} <= families
     assert metric(url, "mloffload_requests_total",
                   {"route": "/v1/chat/completions", "status": "200"}) > 0
+
+
+def test_health_is_503_while_loading_and_requests_wait(lifecycle_server: ServerProcess) -> None:
+    url = lifecycle_server.url
+    assert chat(url, "default").status_code == 200  # "third" is not loaded
+    seen: list[dict[str, Any]] = []
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        load = pool.submit(httpx.post, url + "/api/models/third/load", timeout=120)
+        waiting = pool.submit(chat, url, "third")  # arrives while "third" is loading
+        while not load.done():
+            r = httpx.get(url + "/health", timeout=10)
+            if r.status_code == 503:
+                seen.append(r.json())
+            time.sleep(0.01)
+        assert load.result().status_code == 200
+        assert waiting.result().status_code == 200  # it waited for the load, then ran
+    assert seen, "never saw /health answer 503 during the load"
+    assert seen[0]["status"] == "loading"
+    assert seen[0]["error"]["code"] == "model_loading" and "third" in seen[0]["error"]["message"]
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
