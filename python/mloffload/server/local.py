@@ -236,9 +236,10 @@ class LocalBackend:
     async def _sse(self, job: Job, pipe: TokenPipe, tpl: ChunkTemplate, route: str,
                    request: Request) -> AsyncIterator[bytes]:
         finished = False
+        # The role event goes out with the first text: an extra write (and the client's
+        # wake-up) in the middle of prompt processing measurably delays the first token.
+        pending = tpl.role() if tpl.chat else b""
         try:
-            if tpl.chat:
-                yield tpl.role()
             first = True
             while True:
                 try:
@@ -247,7 +248,7 @@ class LocalBackend:
                     if isinstance(exc, asyncio.CancelledError):
                         raise
                     err = engine_api_error(exc)
-                    yield event(error_body(err.message, err.type, err.param, err.code))
+                    yield pending + event(error_body(err.message, err.type, err.param, err.code))
                     yield DONE
                     finished = True
                     return
@@ -256,7 +257,12 @@ class LocalBackend:
                 if first:
                     self.stats.ttft.labels(route).observe(time.monotonic() - job.started)
                     first = False
+                    yield pending + tpl.text(text)
+                    pending = b""
+                    continue
                 yield tpl.text(text)
+            if pending:
+                yield pending
             r = job.result
             _note_tokens(request, r.prompt_tokens, r.completion_tokens)
             if job.timed_out:
