@@ -226,3 +226,11 @@ def test_openapi_describes_every_endpoint(base_url: str) -> None:
     assert "400" in chat["responses"] and "404" in chat["responses"]
     schemas = spec["components"]["schemas"]
     assert "messages" in schemas["ChatCompletionRequest"]["required"]
+
+
+def test_chat_without_max_tokens_gets_the_server_default(base_url: str) -> None:
+    # The base model rarely stops by itself: without a default it would fill the context.
+    body = {"messages": [{"role": "user", "content": "Write a long story."}], "temperature": 0}
+    out = httpx.post(base_url + CHAT, json=body, timeout=300).json()
+    assert out["choices"][0]["finish_reason"] == "length"
+    assert out["usage"]["completion_tokens"] == 512

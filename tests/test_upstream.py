@@ -330,3 +330,17 @@ def test_openai_errors(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         client.completions.create(model="default", prompt="word " * 3000, max_tokens=1)
     assert bad.value.code == "context_length_exceeded"
+
+
+def test_token_default_and_cap_apply_in_front_of_llama_server(data_dir: Path,
+                                                              upstream: LlamaServer) -> None:
+    env = {**proxy_env(upstream.url), "ML_OFFLOAD_DEFAULT_MAX_TOKENS": "3",
+           "ML_OFFLOAD_MAX_TOKENS": "5"}
+    with ServerProcess(data_dir, env=env) as proc:
+        proc.wait_ready()
+        chat = httpx.post(proc.url + CHAT, json={"messages": HELLO, "temperature": 0},
+                          timeout=120).json()
+        assert chat["usage"]["completion_tokens"] == 3
+        more = httpx.post(proc.url + CHAT, timeout=120,
+                          json={"messages": HELLO, "temperature": 0, "max_tokens": 50}).json()
+        assert more["usage"]["completion_tokens"] == 5

@@ -144,8 +144,11 @@ OPTIONS: tuple[Option, ...] = (
            "registry id, alias or .gguf path answered for model 'default' "
            "(default: the embedded Gemma 3 270M)", "MODEL"),
     Option("n_ctx", 4096, parse_int, "context length per loaded model, in tokens", "N"),
+    Option("default_max_tokens", 512, parse_int,
+           "tokens generated when a chat request sets no max_tokens (0: up to the context)",
+           "N"),
     Option("max_tokens", 0, parse_int,
-           "most tokens one request may generate (0: whatever context is left)", "N"),
+           "most tokens any request may generate (0: whatever context is left)", "N"),
     Option("threads", 0, parse_int,
            "CPU threads for llama.cpp (0: half the logical CPUs, at least 1)", "N"),
     Option("n_gpu_layers", None, parse_gpu_layers,
@@ -199,6 +202,7 @@ class Settings:
     models_dir: tuple[Path, ...] = ()
     default_model: str = ""
     n_ctx: int = 4096
+    default_max_tokens: int = 512
     max_tokens: int = 0
     threads: int = 0
     n_gpu_layers: int | None = None
@@ -315,8 +319,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"port must be between 1 and 65535, not {s.port}")
     if s.n_ctx < 16:
         raise ConfigError(f"n_ctx must be at least 16, not {s.n_ctx}")
-    if s.max_tokens < 0:
-        raise ConfigError("max_tokens must not be negative (0 means no cap)")
+    if s.max_tokens < 0 or s.default_max_tokens < 0:
+        raise ConfigError("max_tokens and default_max_tokens must not be negative (0: no cap)")
     if s.max_loaded < 1:
         raise ConfigError("max_loaded must be at least 1")
     if s.max_queue < 0:

@@ -165,10 +165,15 @@ class LocalBackend:
         return await self._generate(request, req, start, chat=False)
 
     def _capped(self, params: SamplingParams) -> SamplingParams:
+        """The server's default for requests that name no max_tokens, then its hard cap."""
+        wanted = params.max_tokens
+        if wanted is None and self.settings.default_max_tokens:
+            wanted = self.settings.default_max_tokens
         cap = self.settings.max_tokens
-        if cap and (params.max_tokens is None or params.max_tokens > cap):
-            return dataclasses.replace(params, max_tokens=cap)
-        return params
+        if cap and (wanted is None or wanted > cap):
+            wanted = cap
+        return params if wanted == params.max_tokens else dataclasses.replace(
+            params, max_tokens=wanted)
 
     async def _generate(
         self,

@@ -428,6 +428,15 @@ class UpstreamBackend:
         data["model"] = target.upstream_id
         if isinstance(req, CompletionRequest) and "max_tokens" not in data:
             data["max_tokens"] = req.max_tokens  # OpenAI's 16; llama-server's is unlimited
+        elif (isinstance(req, ChatCompletionRequest) and self.settings.default_max_tokens
+              and "max_tokens" not in data and "max_completion_tokens" not in data):
+            data["max_tokens"] = self.settings.default_max_tokens  # as the in-process backend
+        cap = self.settings.max_tokens
+        if cap and not isinstance(req, EmbeddingRequest):
+            for key in ("max_tokens", "max_completion_tokens"):
+                if isinstance(data.get(key), int) and data[key] > cap:
+                    data[key] = cap
+            data.setdefault("max_tokens", cap)
         return orjson.dumps(data)
 
     async def _admit(self, req: ChatCompletionRequest | CompletionRequest | EmbeddingRequest,
