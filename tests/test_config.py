@@ -88,3 +88,9 @@ def test_public_bind_needs_a_key() -> None:
     check_bind(Settings(host="0.0.0.0", api_key="k"))
     check_bind(Settings(host="0.0.0.0", allow_unauthenticated=True))
     check_bind(Settings(host="::1"))
+
+
+def test_readme_documents_every_option() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for opt in OPTIONS:
+        assert f"| `{opt.flag}` | `{opt.env}` |" in readme, opt.name

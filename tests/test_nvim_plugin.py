@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -285,6 +286,43 @@ def test_editor_answers_while_streaming_and_ctrl_c_cancels(editor: Factory,
     assert after["active"] == 0
     assert after["tokens_generated"] - before["tokens_generated"] < 1500
     assert_clean(ed)
+
+
+def test_ctrl_c_drops_a_chat_waiting_in_the_server_queue(editor: Factory,
+                                                         server: ServerProcess) -> None:
+    """<C-c> must reach the server even when no text has arrived yet (request queued)."""
+    started = threading.Event()
+    stop = threading.Event()
+
+    def occupy() -> None:  # another client holds the model meanwhile
+        body = {"prompt": "Once upon a time", "max_tokens": 1500, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=300) as r:
+            for _ in r.iter_lines():
+                started.set()
+                if stop.is_set():
+                    return
+
+    other = threading.Thread(target=occupy)
+    other.start()
+    try:
+        assert started.wait(120)
+        before = requests_status(server.url)
+        # A long read timeout: only the cancel itself can end the wait.
+        ed = editor(api_url=server.url, params=chat_params(50), timeout=600_000)
+        ed.nvim.command("MLChat hello")
+        ed.wait(lambda: requests_status(server.url)["queued"] == 1, timeout=60,
+                what="the chat to wait in the server's queue")
+        ed.nvim.input("<C-c>")
+        data = ed.wait_event("finished")[0]
+        assert data["cancelled"]
+        ed.wait(lambda: requests_status(server.url)["cancelled"] > before["cancelled"],
+                timeout=30, what="the server to drop the queued request")
+        now = requests_status(server.url)
+        assert now["queued"] == 0 and now["active"] == 1  # the other one still runs
+        assert_clean(ed)
+    finally:
+        stop.set()
+        other.join(120)
 
 
 def test_http_error_is_one_clear_notification(editor: Factory, server: ServerProcess) -> None:

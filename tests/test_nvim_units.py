@@ -82,7 +82,8 @@ def _sse(*chunks: str) -> bytes:
 
 def _client(handler: httpx.MockTransport) -> Client:
     client = Client("http://test")
-    client._http = httpx.Client(base_url="http://test", transport=handler)
+    client._options["transport"] = handler  # chats open their own client from these options
+    client._http = httpx.Client(**client._options)
     return client
 
 

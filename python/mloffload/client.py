@@ -12,7 +12,9 @@ then falls back to in-process inference. Anything the live server answers with a
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -83,6 +85,61 @@ def error_from_body(status: int, body: bytes) -> ServerError:
         return ServerError(status, text)
 
 
+class _ConnectionCutter:
+    """Cuts one request's TCP connection from another thread, whatever it is waiting for.
+
+    The reading thread may be blocked for a long time with nothing to look at: while the
+    request waits in the server's queue (no headers yet), or while a long prompt is
+    processed. ``shutdown()`` on the socket wakes that read at once and tells the server
+    the client is gone, so it drops or stops the request. The socket comes from httpcore's
+    documented ``trace`` extension, when the connection is made.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._cut = False
+
+    def trace(self, name: str, info: dict[str, Any]) -> None:
+        if name != "connection.connect_tcp.complete":
+            return
+        stream = info.get("return_value")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        with self._lock:
+            self._sock = sock
+            if self._cut:
+                self._shutdown()
+
+    def cut(self) -> None:
+        with self._lock:
+            self._cut = True
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+
+
+@contextlib.contextmanager
+def _cut_on(cancel: threading.Event) -> Iterator[_ConnectionCutter]:
+    """A cutter that a watcher thread fires as soon as ``cancel`` is set."""
+    cutter = _ConnectionCutter()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if cancel.wait(0.05):
+                cutter.cut()
+                return
+
+    threading.Thread(target=watch, name="ml-offload-cancel", daemon=True).start()
+    try:
+        yield cutter
+    finally:
+        done.set()
+
+
 class Client:
     """One API URL. Thread-safe (httpx's client is); each call is one request."""
 
@@ -90,15 +147,16 @@ class Client:
                  connect_timeout: float = 1.0, api_key: str = "") -> None:
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._options: dict[str, Any] = {
+            "base_url": self.base_url,
+            "timeout": httpx.Timeout(timeout, connect=connect_timeout),
+            "headers": headers,
+            # The server is local (or on the LAN): a proxy from the environment must not
+            # capture its requests.
+            "trust_env": False,
+        }
         try:
-            self._http = httpx.Client(
-                base_url=self.base_url,
-                timeout=httpx.Timeout(timeout, connect=connect_timeout),
-                headers=headers,
-                # The server is local (or on the LAN): a proxy from the environment must
-                # not capture its requests.
-                trust_env=False,
-            )
+            self._http = httpx.Client(**self._options)
         except (httpx.InvalidURL, ValueError, TypeError) as exc:
             raise ClientError(f"api_url {base_url!r} is not a valid URL: {exc}") from None
 
@@ -165,7 +223,10 @@ class Client:
         payload = {**params, "model": model, "messages": list(messages), "stream": True,
                    "stream_options": {"include_usage": True}}
         try:
-            with self._http.stream("POST", "/v1/chat/completions", json=payload) as resp:
+            # A connection of its own, so that a cancel can cut exactly this request.
+            with _cut_on(cancel) as cutter, httpx.Client(**self._options) as http, \
+                    http.stream("POST", "/v1/chat/completions", json=payload,
+                                extensions={"trace": cutter.trace}) as resp:
                 if resp.status_code >= 400:
                     raise error_from_body(resp.status_code, resp.read())
                 for line in resp.iter_lines():
@@ -179,7 +240,8 @@ class Client:
                     if text:
                         yield text
         except httpx.HTTPError as exc:
-            raise self._translate(exc) from None
+            if not cancel.is_set():  # else: the cutter cut the connection on purpose
+                raise self._translate(exc) from None
         if cancel.is_set():
             result.finish_reason = FINISH_CANCELLED
         elif result.finish_reason is None:
