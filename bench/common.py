@@ -7,6 +7,7 @@ Nothing here imports the project or llama-cpp-python, so any benchmark can use i
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import importlib.metadata
@@ -128,6 +129,15 @@ def command_line(argv: Sequence[str] | None = None) -> str:
 
 
 # --- processes ---------------------------------------------------------------------------
+
+
+def parse_shared_args(parser: argparse.ArgumentParser, argv: Sequence[str],
+                      name: str) -> argparse.Namespace:
+    """bench/run.py hands the same options to every benchmark: each skips the others'."""
+    args, unknown = parser.parse_known_args(list(argv))
+    if unknown:
+        print(f"bench/{name}.py: ignoring {' '.join(unknown)}", file=sys.stderr)
+    return args
 
 
 def free_port() -> int:

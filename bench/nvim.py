@@ -44,6 +44,7 @@ from common import (  # noqa: E402
     md_table,
     median,
     now_iso,
+    parse_shared_args,
     percentile,
     write_json,
 )
@@ -312,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="ml-offload data dir with the default model (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
-    args = parser.parse_args(argv)
+    args = parse_shared_args(parser, argv, "nvim")
 
     from mloffload.catalog import ensure_embedded_model
 

@@ -48,6 +48,7 @@ from common import (
     median,
     now_iso,
     package_version,
+    parse_shared_args,
     percentile,
     ratio,
     timed_request,
@@ -305,10 +306,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
     p.add_argument("--log-dir", help="keep the servers' logs here (default: a temp dir)")
     p.add_argument("--quick", action="store_true", help="30 latency + 3 stream pairs")
-    # bench/run.py hands the same options to every benchmark: skip the others' options.
-    args, unknown = p.parse_known_args(list(argv))
-    if unknown:
-        print(f"bench/proxy.py: ignoring {' '.join(unknown)}", file=sys.stderr)
+    args = parse_shared_args(p, argv, "proxy")
     if args.quick:
         args.latency_reps, args.stream_reps, args.warmup = 30, 3, 1
     args.argv = ["bench/proxy.py", *argv]

@@ -68,6 +68,7 @@ from common import (
     median,
     now_iso,
     package_version,
+    parse_shared_args,
     percentile,
     ratio,
     timed_request,
@@ -864,7 +865,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="1 warm-up + 2 reps (a smoke test)")
     p.add_argument("--render", metavar="JSON",
                    help="only rewrite the .md and .png from an earlier run's JSON")
-    args = p.parse_args(list(argv))
+    args = parse_shared_args(p, argv, "server")
     if args.quick:
         args.reps, args.warmup = 2, 1
     return args
