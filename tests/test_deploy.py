@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -604,6 +605,10 @@ def test_access_line_in_the_journal(data_dir: Path) -> None:
             "model": "default", "max_tokens": 2,
             "messages": [{"role": "user", "content": f"Say {secret}."}]})
         assert response.status_code == 200, response.text
+        # The access line is written once the answer has gone out: wait for it.
+        deadline = time.monotonic() + 30
+        while "POST /v1/chat/completions" not in srv.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
         log = srv.log()
     access = [line for line in log.splitlines() if line.startswith("<6>mloffload.access: ")]
     assert re.fullmatch(r"<6>mloffload\.access: GET /health 200 \d+\.\dms", access[-2]), access
