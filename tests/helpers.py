@@ -61,6 +61,15 @@ class ServerProcess:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
 
+    def wait_log(self, text: str, timeout: float = 30.0) -> str:
+        """The log once ``text`` is in it: an access line is written after the answer."""
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.log()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} never appeared in the log:\n{log}")
+            time.sleep(0.05)
+        return log
+
     def rss(self) -> int:
         import psutil
 

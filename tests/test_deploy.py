@@ -20,7 +20,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -605,11 +604,7 @@ def test_access_line_in_the_journal(data_dir: Path) -> None:
             "model": "default", "max_tokens": 2,
             "messages": [{"role": "user", "content": f"Say {secret}."}]})
         assert response.status_code == 200, response.text
-        # The access line is written once the answer has gone out: wait for it.
-        deadline = time.monotonic() + 30
-        while "POST /v1/chat/completions" not in srv.log() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        log = srv.log()
+        log = srv.wait_log("POST /v1/chat/completions")
     access = [line for line in log.splitlines() if line.startswith("<6>mloffload.access: ")]
     assert re.fullmatch(r"<6>mloffload\.access: GET /health 200 \d+\.\dms", access[-2]), access
     assert re.fullmatch(r"<6>mloffload\.access: POST /v1/chat/completions 200 \d+\.\dms "

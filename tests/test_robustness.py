@@ -260,7 +260,7 @@ def test_logs_never_contain_key_or_prompt(keyed: ServerProcess, data_dir: Path) 
     httpx.post(keyed.url + "/v1/chat/completions", timeout=60,
                headers={"Authorization": "Bearer k-123456"},
                json={"messages": [{"role": "user", "content": secret}], "max_tokens": 2})
-    log = keyed.log()
+    log = keyed.wait_log("POST /v1/chat/completions 200")
     assert "POST /v1/chat/completions 200" in log
     assert "k-123456" not in log and secret not in log
     with ServerProcess(data_dir, env={"ML_OFFLOAD_LOG_LEVEL": "debug", "ML_OFFLOAD_N_CTX": "512",
@@ -269,7 +269,7 @@ def test_logs_never_contain_key_or_prompt(keyed: ServerProcess, data_dir: Path) 
         httpx.post(debug.url + "/v1/chat/completions", timeout=60,
                    headers={"Authorization": "Bearer k-999999"},
                    json={"messages": [{"role": "user", "content": secret}], "max_tokens": 2})
-        assert secret in debug.log()  # debug logging shows prompts
+        assert secret in debug.wait_log(secret)  # debug logging shows prompts
         assert "k-999999" not in debug.log()  # never the key
 
 
