@@ -77,6 +77,31 @@ def test_two_streams_both_complete_in_order(srv: ServerProcess) -> None:
     assert texts[0] == texts[1] and texts[0]  # both whole, neither cut off
 
 
+def test_queued_requests_are_served_in_arrival_order(data_dir: Path) -> None:
+    with ServerProcess(data_dir, env={"ML_OFFLOAD_N_CTX": "1024"}) as proc:
+        proc.wait_ready()
+        started = threading.Event()
+        finished: list[int] = []
+
+        def queued(i: int) -> None:
+            r = httpx.post(proc.url + "/v1/completions", timeout=120,
+                           json={"prompt": f"{i}:", "max_tokens": 2})
+            assert r.status_code == 200
+            finished.append(i)
+
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            first = pool.submit(start_stream, proc.url, started, {**LONG, "max_tokens": 60})
+            assert started.wait(60)
+            jobs = []
+            for i in range(4):  # each one is in the queue before the next is sent
+                jobs.append(pool.submit(queued, i))
+                wait_for(lambda n=i + 1: counters(proc.url)["queued"] == n)
+            first.result()
+            for job in jobs:
+                job.result()
+        assert finished == [0, 1, 2, 3]
+
+
 def test_queue_full_is_429_with_retry_after(srv: ServerProcess) -> None:
     started = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
