@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from .config import ConfigError, Settings
 from .gpu import GPUProbe
-from .planner import OffloadPlan, plan_offload
+from .planner import OffloadPlan, plan_for_settings
 from .registry import ModelEntry, Registry
 
 log = logging.getLogger("mloffload.llama_server")
@@ -51,18 +51,11 @@ def loopback_port(url: str) -> tuple[str, int]:
 
 
 def plan_for(entry: ModelEntry, settings: Settings, gpu: GPUProbe) -> OffloadPlan:
+    """The offload plan for llama-server's -ngl. Its own build decides what a GPU can do,
+    so any GPU NVML sees counts as usable."""
     assert entry.info is not None
     snap = gpu.snapshot()
-    card = snap.gpu(settings.gpu) if snap.available else None
-    n_ctx = settings.n_ctx
-    if entry.info.context_length:
-        n_ctx = min(n_ctx, entry.info.context_length)
-    return plan_offload(
-        entry.info, n_ctx=n_ctx, free_vram=card.free_bytes if card else None,
-        margin=settings.vram_margin, requested=settings.n_gpu_layers,
-        offload_supported=card is not None,
-        no_gpu_reason=snap.reason or f"GPU {settings.gpu} not found",
-    )
+    return plan_for_settings(entry.info, settings, snap, offload_supported=snap.available)
 
 
 def command_line(binary: str, entry: ModelEntry, plan: OffloadPlan, settings: Settings,
