@@ -178,7 +178,7 @@ class ModelManager:
             del self._demand[mid]
             model = self.loaded.get(mid)
             if model is not None:
-                self._schedule_unload(model, None)
+                self._schedule_unload(model)
         self._changed.set()
 
     def _on_release(self, model: LoadedModel, keep_alive: float | None) -> None:
@@ -195,7 +195,7 @@ class ModelManager:
         model.unload_handle = None
         model.unload_at = None
 
-    def _schedule_unload(self, model: LoadedModel, _: float | None) -> None:
+    def _schedule_unload(self, model: LoadedModel) -> None:
         self._cancel_unload(model)
         if self._closed or self._demand.get(model.id):
             return
@@ -237,7 +237,7 @@ class ModelManager:
         entry = self.resolve(name)
         model = await self._ensure_loaded(entry)
         if not self._demand.get(model.id) and model.unload_handle is None:
-            self._schedule_unload(model, None)
+            self._schedule_unload(model)
         return model
 
     async def _load(self, entry: ModelEntry) -> LoadedModel:
@@ -266,7 +266,7 @@ class ModelManager:
             self.stats.loaded.set(len(self.loaded))
             self.last_load_error = None
             if not self._demand.get(entry.id):
-                self._schedule_unload(model, None)
+                self._schedule_unload(model)
             return model
         except EngineError as exc:
             self.last_load_error = f"{entry.id}: {exc}"
