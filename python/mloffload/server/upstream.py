@@ -1,6 +1,11 @@
 """The llama-server backend: proxy the OpenAI routes to llama.cpp's own C++ server.
 
-One pooled ``httpx.AsyncClient`` carries every upstream call. Streams are relayed as the
+One pooled httpx transport carries every upstream call: the lean HTTP/1.1 transport in
+``http1`` for plain-http URLs, httpx's own for https. Requests go to the transport directly,
+not through ``httpx.AsyncClient.send``: on a two-core machine the client layer (cookie
+jar, auth and redirect hooks, none of which llama-server needs) and httpcore's per-read
+cost were most of the proxy's CPU, and that CPU is taken from llama-server's decode
+(bench/results/proxy.md). Streams are relayed as the
 bytes arrive, cut only at SSE event boundaries; the one rewrite is the ``model`` field (the
 name the client asked for instead of llama-server's file path), a byte replace. A client
 that goes away closes the upstream stream, and llama-server stops generating.
@@ -29,12 +34,14 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from .. import __version__
 from ..config import Settings
 from ..gpu import GPUProbe
 from ..llama_server import LlamaServerSupervisor
 from ..registry import DEFAULT_ALIAS, ModelEntry, Registry
 from .backend import ClientGone, unless_disconnected
 from .errors import APIError, error_body, model_not_found
+from .http1 import HTTP1Transport
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from .sse import DONE, event
 from .stats import Stats
@@ -55,6 +62,8 @@ _CACHE_N = re.compile(rb'"cache_n"\s*:\s*(\d+)')
 _ERROR_EVENT = b'data: {"error"'
 _DONE_MARK = b"data: [DONE]"
 _CLOSE = {"Connection": "close"}
+_HEADERS = {"Content-Type": "application/json", "Accept": "*/*",
+            "Accept-Encoding": "identity", "User-Agent": f"ml-offload/{__version__}"}
 
 # llama-server's error types (server-common.cpp) → our codes; others keep its type as code.
 _UPSTREAM_CODES = {
@@ -232,7 +241,7 @@ class UpstreamBackend:
         self.registry = registry
         self.stats = stats
         self.url = settings.llamacpp_url.rstrip("/")
-        self._client: httpx.AsyncClient | None = None
+        self._transport: httpx.AsyncBaseTransport | None = None
         self._catalog: list[UpstreamModel] | None = None
         self._catalog_at = 0.0
         self._catalog_lock = asyncio.Lock()
@@ -241,7 +250,8 @@ class UpstreamBackend:
         self._loading = False
         self._urls: dict[str, httpx.URL] = {}
         self._timeout: dict[str, float | None] = {}
-        self._close_headers = httpx.Headers()
+        self._headers = httpx.Headers(_HEADERS)
+        self._close_headers = httpx.Headers({**_HEADERS, **_CLOSE})
         self.supervisor: LlamaServerSupervisor | None = None
         if settings.llama_server_bin is not None:
             self.supervisor = LlamaServerSupervisor(settings, registry, gpu or GPUProbe())
@@ -249,11 +259,11 @@ class UpstreamBackend:
     # --- lifecycle ------------------------------------------------------------------------
 
     @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
+    def transport(self) -> httpx.AsyncBaseTransport:
+        if self._transport is None:
             raise APIError(503, "The llama-server backend is shutting down.",
                            code="backend_unavailable")
-        return self._client
+        return self._transport
 
     async def startup(self) -> None:
         s = self.settings
@@ -262,16 +272,13 @@ class UpstreamBackend:
         timeout = httpx.Timeout(connect=5.0, read=s.request_timeout, write=30.0,
                                 pool=s.load_timeout)
         self._timeout = timeout.as_dict()
-        self._client = httpx.AsyncClient(
-            base_url=self.url,
-            timeout=timeout,
-            # llama-server closes idle connections after 5 s: drop ours a little earlier.
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64,
-                                keepalive_expiry=4.0),
-            headers={"Content-Type": "application/json", "Accept-Encoding": "identity"},
-            trust_env=False,  # never send loopback traffic through an HTTP proxy
-        )
-        self._close_headers = httpx.Headers({**self._client.headers, **_CLOSE})
+        # llama-server closes idle connections after 5 s: drop ours a little earlier.
+        limits = httpx.Limits(max_connections=512, max_keepalive_connections=64,
+                              keepalive_expiry=4.0)
+        # Plain http (the usual loopback llama-server) goes through our lean transport;
+        # https keeps httpx's own. No environment proxy ever sees loopback traffic.
+        self._transport = HTTP1Transport(limits) if self.url.startswith("http://") else \
+            httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
         if self.supervisor is not None:
             await self.supervisor.start()
         ready, reason, _ = await self.health()
@@ -283,9 +290,9 @@ class UpstreamBackend:
     async def shutdown(self) -> None:
         if self.supervisor is not None:
             await self.supervisor.stop()
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()
+        if self._transport is not None:
+            transport, self._transport = self._transport, None
+            await transport.aclose()
 
     # --- talking to llama-server -----------------------------------------------------------
 
@@ -318,19 +325,19 @@ class UpstreamBackend:
         streamed answer, so one reused after a stream would fail; saying so up front keeps
         it out of the pool.
         """
-        client = self.client
-        # Built directly rather than with client.build_request: the URL, headers and
-        # timeouts are the same every time, and merging them costs more than the rest.
+        transport = self.transport
         url = self._urls.get(path)
         if url is None:
-            url = self._urls[path] = client.base_url.join(path.lstrip("/"))
-        headers = self._close_headers if last else client.headers
+            url = self._urls[path] = httpx.URL(self.url + path)
+        headers = self._close_headers if last else self._headers
         ext = {"timeout": self._timeout if timeout is None else
                httpx.Timeout(timeout).as_dict()}
         req = httpx.Request(method, url, headers=headers, content=body, extensions=ext)
         for attempt in (1, 2):
             try:
-                return await client.send(req, stream=True)
+                resp = await transport.handle_async_request(req)
+                resp.request = req
+                return resp
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
                 # A pooled connection that llama-server had just closed: try a fresh one once.
                 if attempt == 2:
