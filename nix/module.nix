@@ -17,6 +17,8 @@ let
   proxied = cfg.backend == "llama-server";
   loopback = cfg.host == "localhost" || cfg.host == "::1" || lib.hasPrefix "127." cfg.host;
   apiKeyFile = if cfg.apiKeyFile == null then null else toString cfg.apiKeyFile;
+  upstreamKeyFile =
+    if cfg.llamacppApiKeyFile == null then null else toString cfg.llamacppApiKeyFile;
 
   # Module option -> server setting. Values are strings, as the environment carries them.
   settingsEnvironment = {
@@ -32,6 +34,8 @@ let
   } // lib.optionalAttrs (apiKeyFile != null) {
     # The key file is handed over with LoadCredential= (below), so it can stay root-only.
     ML_OFFLOAD_API_KEY_FILE = "%d/api-key";
+  } // lib.optionalAttrs (upstreamKeyFile != null) {
+    ML_OFFLOAD_LLAMACPP_API_KEY_FILE = "%d/llamacpp-api-key";
   };
 in
 {
@@ -130,6 +134,17 @@ in
       description = "Base URL of llama-server when `backend` is `llama-server`.";
     };
 
+    llamacppApiKeyFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/run/secrets/llamacpp-api-key";
+      description = ''
+        File holding the key llama-server was started with (its `--api-key`), sent to it as
+        `Authorization: Bearer KEY`. Like `apiKeyFile`, keep it outside the Nix store; it is
+        passed with LoadCredential=.
+      '';
+    };
+
     llamacppService = mkOption {
       type = types.str;
       default = "llamacpp.service";
@@ -178,6 +193,14 @@ in
           outside it (a string, not a Nix path literal).
         '';
       }
+      {
+        assertion = upstreamKeyFile == null
+          || !(lib.hasPrefix builtins.storeDir upstreamKeyFile);
+        message = ''
+          services.ml-offload.llamacppApiKeyFile is in the world-readable Nix store; give a
+          path outside it (a string, not a Nix path literal).
+        '';
+      }
     ];
 
     warnings = lib.optional (cfg.openFirewall && loopback) ''
@@ -209,7 +232,8 @@ in
         StateDirectory = "ml-offload";
         StateDirectoryMode = "0750";
         WorkingDirectory = stateDir;
-        LoadCredential = lib.optional (apiKeyFile != null) "api-key:${apiKeyFile}";
+        LoadCredential = lib.optional (apiKeyFile != null) "api-key:${apiKeyFile}"
+          ++ lib.optional (upstreamKeyFile != null) "llamacpp-api-key:${upstreamKeyFile}";
 
         Restart = "on-failure";
         RestartSec = 5;

@@ -54,6 +54,7 @@ CHANGED: dict[str, Any] = {
     "apiKeyFile": "/run/secrets/ml-offload-api-key",
     "backend": "llama-server",
     "llamacppUrl": "http://127.0.0.1:8081",
+    "llamacppApiKeyFile": "/run/secrets/llamacpp-api-key",
 }
 TOOLS = {"nix-instantiate": "nix-bin", "systemd-analyze": "systemd"}
 
@@ -363,14 +364,18 @@ def test_module_settings_reach_the_server(tmp_path: Path) -> None:
     evaluated = module(**CHANGED)
     svc = service(evaluated)
     # LoadCredential hands the key over; %d is the credentials directory.
-    assert svc["serviceConfig"]["LoadCredential"] == [f"api-key:{CHANGED['apiKeyFile']}"]
+    assert svc["serviceConfig"]["LoadCredential"] == [
+        f"api-key:{CHANGED['apiKeyFile']}",
+        f"llamacpp-api-key:{CHANGED['llamacppApiKeyFile']}"]
     (tmp_path / "api-key").write_text("s3cret\n")
+    (tmp_path / "llamacpp-api-key").write_text("upstream-s3cret\n")
     settings = settings_from_env(svc["environment"], credentials=tmp_path)
     assert (settings.host, settings.port) == ("0.0.0.0", 9100)
     assert settings.models_dir == tuple(Path(p) for p in CHANGED["modelsDir"])
     assert settings.default_model == CHANGED["defaultModel"]
     assert settings.n_gpu_layers == 32 and settings.keep_alive == 3600.0
     assert settings.api_key == "s3cret"
+    assert settings.llamacpp_api_key == "upstream-s3cret"
     assert (settings.backend, settings.llamacpp_url) == ("llama-server", CHANGED["llamacppUrl"])
     assert settings.data_dir == Path(STATE_DIR)
 
@@ -438,6 +443,8 @@ def test_module_refuses_an_open_bind_without_a_key() -> None:
     assert ok(host="0.0.0.0", apiKeyFile="/run/secrets/key")
     assert ok(host="0.0.0.0", extraEnvironment={"ML_OFFLOAD_ALLOW_UNAUTHENTICATED": "true"})
     assert not ok(apiKeyFile="/nix/store/0000-key")
+    assert not ok(llamacppApiKeyFile="/nix/store/0000-key")
+    assert ok(llamacppApiKeyFile="/run/secrets/llamacpp-key")
 
 
 def test_module_firewall() -> None:
@@ -465,7 +472,8 @@ def test_contrib_unit_passes_systemd_analyze(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("backend", ["llamacpp", "llama-server"])
 def test_module_unit_passes_systemd_analyze(backend: str, tmp_path: Path) -> None:
-    evaluated = module(backend=backend, apiKeyFile="/run/secrets/ml-offload-api-key")
+    evaluated = module(backend=backend, apiKeyFile="/run/secrets/ml-offload-api-key",
+                       llamacppApiKeyFile="/run/secrets/llamacpp-api-key")
     assert verify_unit(render_nixos_unit(service(evaluated)), tmp_path) == ""
 
 
@@ -510,21 +518,27 @@ def test_contrib_environment_is_server_settings() -> None:
     assert settings_from_env(env) == server_defaults()
 
 
-def test_contrib_drop_in_for_the_api_key(tmp_path: Path) -> None:
-    # The unit's comment says how to add a key; those lines must work as written.
+def test_contrib_drop_in_for_the_api_keys(tmp_path: Path) -> None:
+    # The unit's comment says how to add the keys; those lines must work as written.
     text = CONTRIB_UNIT.read_text()
-    drop_in = re.findall(r"^#   (LoadCredential=.*|Environment=ML_OFFLOAD_API_KEY_FILE=.*)$",
+    drop_in = re.findall(r"^#   (LoadCredential=.*|Environment=ML_OFFLOAD_\w*API_KEY_FILE=.*)$",
                          text, re.M)
-    assert len(drop_in) == 2
+    assert len(drop_in) == 4
     with_key = re.sub(r"^\[Service\]\n", "[Service]\n" + "\n".join(drop_in) + "\n", text,
                       count=1, flags=re.M)
     assert with_key != text
     assert verify_unit(with_key, tmp_path) == ""
-    (key,) = [line.split("=", 1)[1] for line in drop_in if line.startswith("Environment=")]
-    name, _, value = key.partition("=")
-    (tmp_path / "api-key").write_text("k\n")
-    env = {**read_env_file(CONTRIB_ENV), name: value}
-    assert settings_from_env(env, credentials=tmp_path).api_key == "k"
+    env = read_env_file(CONTRIB_ENV)
+    for line in drop_in:
+        if line.startswith("Environment="):
+            name, _, value = line.split("=", 1)[1].partition("=")
+            env[name] = value
+        else:
+            credential = line.split("=", 1)[1].split(":", 1)[0]
+            (tmp_path / credential).write_text(f"{credential}-value\n")
+    settings = settings_from_env(env, credentials=tmp_path)
+    assert settings.api_key == "api-key-value"
+    assert settings.llamacpp_api_key == "llamacpp-api-key-value"
 
 
 def test_restart_stops_on_configuration_errors() -> None:

@@ -180,6 +180,11 @@ OPTIONS: tuple[Option, ...] = (
            "NAME"),
     Option("llamacpp_url", "http://127.0.0.1:8080", str,
            "base URL of llama-server when backend is llama-server", "URL"),
+    Option("llamacpp_api_key", "", str,
+           "with backend llama-server: the key llama-server was started with (--api-key); "
+           "sent to it as 'Authorization: Bearer KEY'", "KEY"),
+    Option("llamacpp_api_key_file", None, lambda v: Path(v).expanduser(),
+           "read llamacpp_api_key from this file", "FILE"),
     Option("llama_server_bin", None, lambda v: Path(v).expanduser(),
            "with backend llama-server: start this llama-server binary yourself on the "
            "llamacpp_url port, with the default model and the offload plan's -ngl, and "
@@ -219,6 +224,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     backend: str = "llamacpp"
     llamacpp_url: str = "http://127.0.0.1:8080"
+    llamacpp_api_key: str = ""
     llama_server_bin: Path | None = None
     log_level: str = "info"
     log_json: bool = False
@@ -295,14 +301,15 @@ def load_settings(
 
 
 def settings_from(values: Mapping[str, Any]) -> Settings:
-    """Build Settings from already-parsed values, resolving the API key file."""
+    """Build Settings from already-parsed values, resolving the API key files."""
     vals = dict(values)
-    key_file = vals.pop("api_key_file", None)
-    if key_file is not None:
-        try:
-            vals["api_key"] = Path(key_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read api_key_file {key_file}: {exc}") from None
+    for key in ("api_key", "llamacpp_api_key"):
+        key_file = vals.pop(f"{key}_file", None)
+        if key_file is not None:
+            try:
+                vals[key] = Path(key_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read {key}_file {key_file}: {exc}") from None
     if "models_dir" in vals:
         vals["models_dir"] = tuple(Path(p).expanduser() for p in vals["models_dir"])
     if "cors_origins" in vals:

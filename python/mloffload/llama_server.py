@@ -120,9 +120,13 @@ class LlamaServerSupervisor:
         self._task = asyncio.get_running_loop().create_task(self._watch())
 
     async def _spawn(self) -> None:
+        # The key goes in the environment (llama-server reads LLAMA_API_KEY), not the
+        # process list that every user can read.
+        key = self.settings.llamacpp_api_key
+        env = {**os.environ, "LLAMA_API_KEY": key} if key else None
         self.proc = await asyncio.create_subprocess_exec(
             *self.args, stdin=asyncio.subprocess.DEVNULL, stdout=self._log,
-            stderr=asyncio.subprocess.STDOUT, preexec_fn=_die_with_parent)
+            stderr=asyncio.subprocess.STDOUT, preexec_fn=_die_with_parent, env=env)
         self.started_at = time.monotonic()
         log.info("llama-server started (pid %d) on %s:%d", self.proc.pid, self.host, self.port)
 

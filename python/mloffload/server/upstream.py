@@ -110,7 +110,7 @@ class ModelRewrite:
         return block.replace(self.old, self.new)
 
 
-def upstream_error(status: int, content: bytes, url: str) -> APIError:
+def upstream_error(status: int, content: bytes, url: str, keyed: bool = False) -> APIError:
     """llama-server's error answer (or anything else it sent) as our OpenAI-shaped error."""
     message, utype = "", None
     try:
@@ -130,6 +130,12 @@ def upstream_error(status: int, content: bytes, url: str) -> APIError:
         status = 502
     code = _UPSTREAM_CODES.get(utype or "", utype)
     headers: dict[str, str] = {}
+    if status == 401:  # our key to llama-server, not the client's to us, is wrong
+        said = "no API key was sent" if not keyed else "it refused the key we sent"
+        return APIError(502, f"llama-server at {url} requires an API key and {said} "
+                        f"({message}); set ML_OFFLOAD_LLAMACPP_API_KEY (or "
+                        "llamacpp_api_key_file) to the key it was started with.",
+                        code="upstream_auth_failed")
     if status == 503:
         code = "model_loading" if "loading" in message.lower() else "backend_unavailable"
         headers["Retry-After"] = "2"
@@ -250,8 +256,12 @@ class UpstreamBackend:
         self._loading = False
         self._urls: dict[str, httpx.URL] = {}
         self._timeout: dict[str, float | None] = {}
-        self._headers = httpx.Headers(_HEADERS)
-        self._close_headers = httpx.Headers({**_HEADERS, **_CLOSE})
+        headers = dict(_HEADERS)
+        if settings.llamacpp_api_key:
+            headers["Authorization"] = f"Bearer {settings.llamacpp_api_key}"
+        self._headers = httpx.Headers(headers)
+        self._keyed = bool(settings.llamacpp_api_key)
+        self._close_headers = httpx.Headers({**headers, **_CLOSE})
         self.supervisor: LlamaServerSupervisor | None = None
         if settings.llama_server_bin is not None:
             self.supervisor = LlamaServerSupervisor(settings, registry, gpu or GPUProbe())
@@ -284,6 +294,10 @@ class UpstreamBackend:
         ready, reason, _ = await self.health()
         if ready:
             log.info("llama-server at %s is ready", self.url)
+            try:  # /health needs no key; the model list does: say now if ours is wrong
+                await self.catalog(refresh=True)
+            except APIError as exc:
+                log.warning("%s", exc.message)
         else:
             log.warning("llama-server at %s is not ready yet: %s", self.url, reason)
 
@@ -355,7 +369,7 @@ class UpstreamBackend:
         finally:
             await resp.aclose()
         if resp.status_code != 200:
-            raise upstream_error(resp.status_code, content, self.url)
+            raise upstream_error(resp.status_code, content, self.url, self._keyed)
         try:
             return orjson.loads(content)
         except orjson.JSONDecodeError:
@@ -475,7 +489,7 @@ class UpstreamBackend:
                 content = b""
             finally:
                 await resp.aclose()
-            error = upstream_error(resp.status_code, content, self.url)
+            error = upstream_error(resp.status_code, content, self.url, self._keyed)
             self.stats.record("rejected" if error.status in (429, 503) else "failed")
             raise error
         self.stats.begin()
@@ -584,7 +598,7 @@ class UpstreamBackend:
                     status = int(err.get("code") or 500)
                 except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
                     status = 500
-                api = upstream_error(status, ev[len(b"data: "):], self.url)
+                api = upstream_error(status, ev[len(b"data: "):], self.url, self._keyed)
                 events[i] = event(api.body())[:-2]
         return b"\n\n".join(events)
 
@@ -620,7 +634,7 @@ class UpstreamBackend:
         if resp.status_code == 200:
             details = "llama-server is running and ready"
             return True, "", {"available": True, "ready": True, "details": details}
-        said = upstream_error(resp.status_code, content, self.url).message
+        said = upstream_error(resp.status_code, content, self.url, self._keyed).message
         said = said.removeprefix("llama-server: ")
         if resp.status_code == 503 and "loading" in said.lower():
             details = f"llama-server at {self.url} is loading its model ({said})"
