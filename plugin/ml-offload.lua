@@ -26,7 +26,9 @@ for _, p in ipairs(plugs) do
   if vim.fn.exists(":" .. cmd) ~= 2 then
     vim.api.nvim_create_user_command(cmd, function()
       vim.notify(
-        "ml-offload: :" .. cmd .. " is not registered yet: run :UpdateRemotePlugins and restart"
+        "ml-offload: :"
+          .. cmd
+          .. " is not registered yet: run :UpdateRemotePlugins and restart"
           .. " Neovim (needs pynvim in g:python3_host_prog; see :checkhealth ml-offload)",
         vim.log.levels.ERROR
       )

@@ -36,11 +36,13 @@ M.required = {
       if vim.fn.has("python3") == 1 then
         return true, "python3 provider: " .. H.host_prog()
       end
-      return false, "the python3 provider is not available (" .. H.host_prog() .. ")", {
-        H.host_prog() .. " -m pip install pynvim httpx",
-        "or point g:python3_host_prog at a Python that has pynvim",
-        "see :checkhealth vim.provider",
-      }
+      return false,
+        "the python3 provider is not available (" .. H.host_prog() .. ")",
+        {
+          H.host_prog() .. " -m pip install pynvim httpx",
+          "or point g:python3_host_prog at a Python that has pynvim",
+          "see :checkhealth vim.provider",
+        }
     end,
   },
   {
@@ -58,10 +60,12 @@ M.required = {
       if #missing == 0 then
         return true, "remote plugin commands in the manifest " .. path
       end
-      return false, "not registered in " .. path .. ": " .. table.concat(missing, ", "), {
-        "run :UpdateRemotePlugins, then restart Neovim",
-        "with lazy.nvim: build = ':UpdateRemotePlugins'",
-      }
+      return false,
+        "not registered in " .. path .. ": " .. table.concat(missing, ", "),
+        {
+          "run :UpdateRemotePlugins, then restart Neovim",
+          "with lazy.nvim: build = ':UpdateRemotePlugins'",
+        }
     end,
   },
 }
@@ -117,8 +121,15 @@ function H.server(facts, fallback_on)
       health.warn(line, { "the backend is not ready yet: see :MLStatus" })
     end
     for name, d in pairs(h.backends or {}) do
-      health.info(string.format("%s: available %s, ready %s — %s", name, tostring(d.available),
-        tostring(d.ready), d.details or ""))
+      health.info(
+        string.format(
+          "%s: available %s, ready %s — %s",
+          name,
+          tostring(d.available),
+          tostring(d.ready),
+          d.details or ""
+        )
+      )
     end
     local vram = s.vram or {}
     if vram.available then
@@ -164,8 +175,9 @@ function H.fallback(facts)
   end
   local state = f.state or {}
   if state.loaded then
-    health.info(string.format("loaded now: %s (%d/%d layers on GPU)", state.model, state.n_gpu_layers,
-      state.max_layers))
+    health.info(
+      string.format("loaded now: %s (%d/%d layers on GPU)", state.model, state.n_gpu_layers, state.max_layers)
+    )
   end
 end
 

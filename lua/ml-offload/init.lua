@@ -51,14 +51,16 @@ end
 --- Call the remote plugin (asynchronously). Explains how to register it if it is missing.
 function M.call(action, payload)
   if vim.fn.exists("*MLOffloadCall") == 0 and vim.fn.exists("#FuncUndefined#MLOffloadCall") == 0 then
-    M.notify("the remote plugin is not registered: run :UpdateRemotePlugins and restart Neovim"
-      .. " (see :checkhealth ml-offload)", vim.log.levels.ERROR)
+    M.notify(
+      "the remote plugin is not registered: run :UpdateRemotePlugins and restart Neovim"
+        .. " (see :checkhealth ml-offload)",
+      vim.log.levels.ERROR
+    )
     return
   end
   local ok, err = pcall(vim.fn.MLOffloadCall, action, payload or vim.empty_dict())
   if not ok then
-    M.notify("the Python host failed: " .. tostring(err) .. " (see :checkhealth ml-offload)",
-      vim.log.levels.ERROR)
+    M.notify("the Python host failed: " .. tostring(err) .. " (see :checkhealth ml-offload)", vim.log.levels.ERROR)
   end
 end
 
