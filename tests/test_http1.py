@@ -184,6 +184,20 @@ def test_cut_mid_body_is_a_protocol_error_and_the_connection_is_dropped() -> Non
     run(main())
 
 
+def test_body_without_length_ends_when_the_server_closes() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
+        await writer.drain()
+
+    async def main() -> None:
+        async with Scripted(handler) as srv, client(srv.url) as c:
+            r = await c.get("/old-style")
+            assert (r.status_code, r.content) == (200, b"all of it")
+
+    run(main())
+
+
 def test_closed_without_an_answer_and_malformed_answers() -> None:
     async def silent_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)

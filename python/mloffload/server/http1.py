@@ -41,6 +41,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.headers: list[tuple[bytes, bytes]] = []
         self.headers_done = False
+        self.until_close = False
         self.complete = False
         self.keep_alive = False
         self.error: httpx.TransportError | None = None
@@ -73,6 +74,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.lost_exc = exc
+        if exc is None and self.headers_done and not self.complete and self.until_close:
+            self.complete = True  # a body with neither length nor chunks ends with the stream
         self._wake()
 
     # --- httptools callbacks -------------------------------------------------------------
@@ -82,6 +85,8 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
+        names = {name.lower() for name, _ in self.headers}
+        self.until_close = not names & {b"content-length", b"transfer-encoding"}
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
