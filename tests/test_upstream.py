@@ -3,6 +3,7 @@ embeddings, models, health, errors, cancellation, and the official openai client
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import socket
@@ -344,3 +345,40 @@ def test_token_default_and_cap_apply_in_front_of_llama_server(data_dir: Path,
         more = httpx.post(proc.url + CHAT, timeout=120,
                           json={"messages": HELLO, "temperature": 0, "max_tokens": 50}).json()
         assert more["usage"]["completion_tokens"] == 5
+
+
+def test_concurrent_mixed_requests_all_complete_and_add_up(proxy: ServerProcess) -> None:
+    """Many clients at once through the pooled transport: every answer whole, every request
+    counted once as completed (a client that hangs up right after [DONE] is no cancel)."""
+    n, at_once, max_tokens = 60, 20, 4
+
+    async def one(client: httpx.AsyncClient, i: int) -> str:
+        body: dict[str, Any] = {"prompt": f"Count {i}:", "max_tokens": max_tokens,
+                                "temperature": 0}
+        if i % 2:
+            async with client.stream("POST", "/v1/completions",
+                                     json={**body, "stream": True}) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line == "data: [DONE]":
+                        return "done"  # and hang up at once
+            return "no [DONE]"
+        r = await client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        return str(r.json()["choices"][0]["finish_reason"])
+
+    async def main() -> list[str]:
+        sem = asyncio.Semaphore(at_once)
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=300) as client:
+            async def limited(i: int) -> str:
+                async with sem:
+                    return await one(client, i)
+            return await asyncio.gather(*(limited(i) for i in range(n)))
+
+    before = httpx.get(proxy.url + "/status").json()["requests"]
+    results = asyncio.run(main())
+    assert sorted(set(results)) == ["done", "length"], results
+    after = httpx.get(proxy.url + "/status").json()["requests"]
+    delta = {k: after[k] - before[k] for k in ("total", "completed", "cancelled", "failed")}
+    assert delta == {"total": n, "completed": n, "cancelled": 0, "failed": 0}, delta
+    assert after["tokens_generated"] - before["tokens_generated"] == n * max_tokens

@@ -177,8 +177,9 @@ class FakeLlamaServer(http.server.BaseHTTPRequestHandler):
             if self.mode == "error-event":
                 body += b'data: {"error": {"code": 500, "message": "slot crashed", ' \
                         b'"type": "server_error"}}\n\n'
-            if self.mode == "split":  # cut everywhere, even inside "model": ..., and wait
+            if self.mode in ("split", "linger"):
                 body += b"data: [DONE]\n\n"
+            if self.mode == "split":  # cut everywhere, even inside "model": ..., and wait
                 pieces = [body[i:i + 7] for i in range(0, len(body), 7)]
             else:
                 pieces = [body]
@@ -187,6 +188,8 @@ class FakeLlamaServer(http.server.BaseHTTPRequestHandler):
                 self.wfile.flush()
                 if len(pieces) > 1:
                     time.sleep(0.002)
+            if self.mode == "linger":  # the answer is whole; the end of the body comes late
+                time.sleep(1.0)
             self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
@@ -250,6 +253,21 @@ def test_events_split_across_reads_are_relayed_whole(fake_proxy: ServerProcess) 
     events = [json.loads(e[len(b"data: "):]) for e in raw.split(b"\n\n")[:-2]]
     assert "".join(e["choices"][0]["text"] for e in events) == "Once upon a time"
     assert {e["model"] for e in events} == {"default"}  # rewritten even when cut mid-field
+
+
+def test_client_leaving_after_done_is_counted_completed(fake_proxy: ServerProcess) -> None:
+    before = httpx.get(fake_proxy.url + "/status").json()["requests"]
+    with fake_api(fake_proxy, "linger") as api, \
+            api.stream("POST", "/v1/completions", json={"prompt": "x", "stream": True}) as r:
+        for line in r.iter_lines():
+            if line == "data: [DONE]":
+                break  # the answer is complete: hang up before llama-server ends its body
+    fake_proxy.wait_log("POST /v1/completions 200")
+    time.sleep(1.5)  # past the fake's linger: the relay has closed by now either way
+
+    after = httpx.get(fake_proxy.url + "/status").json()["requests"]
+    delta = {k: after[k] - before[k] for k in ("completed", "cancelled", "failed")}
+    assert delta == {"completed": 1, "cancelled": 0, "failed": 0}, delta
 
 
 def test_stream_ending_without_done_gets_an_error(fake_proxy: ServerProcess) -> None:

@@ -559,6 +559,9 @@ class UpstreamBackend:
                         upstream_failed = True
                     if _DONE_MARK in out:
                         done = True
+                        # Settled before the last write: a client that hangs up once it has
+                        # [DONE] got the whole answer, and is not a cancel.
+                        relay.outcome = "failed" if upstream_failed else "completed"
                     tail.append(out)
                     yield out
             except httpx.HTTPError as exc:
