@@ -330,6 +330,29 @@ def test_large_body_survives_read_pausing() -> None:
     run(main())
 
 
+def test_a_big_answer_left_unread_does_not_stall_the_next_one() -> None:
+    big = b"x" * ((1 << 20) + 1000)  # all of it arrives, and that pauses reading
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(ok(big))
+        await writer.drain()
+        await read_request(reader)
+        writer.write(ok(b"{}"))
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async def main() -> None:
+        async with Scripted(handler) as srv, client(srv.url, timeout=3.0) as c:
+            async with c.stream("GET", "/big") as r:
+                assert r.status_code == 200
+                await asyncio.sleep(0.3)  # the body is left unread
+            assert (await c.get("/small")).status_code == 200
+            assert srv.connections == 1
+
+    run(main())
+
+
 def test_https_is_refused_clearly() -> None:
     async def main() -> None:
         lim = httpx.Limits()

@@ -38,6 +38,8 @@ class _Connection(asyncio.Protocol):
         self._reset()
 
     def _reset(self) -> None:
+        if getattr(self, "paused", False) and self.transport is not None:
+            self.transport.resume_reading()  # an earlier answer was left unread
         self.parser = httptools.HttpResponseParser(self)
         self.headers: list[tuple[bytes, bytes]] = []
         self.headers_done = False
