@@ -45,6 +45,10 @@ def proxy(data_dir: Path, upstream: LlamaServer) -> Iterator[ServerProcess]:
 def api(proxy: ServerProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=proxy.url, timeout=120) as client:
         yield client
+        deadline = time.monotonic() + 10  # a stream's relay closes just after its last byte
+        while client.get("/status").json()["upstream"]["in_flight"] != 0:
+            assert time.monotonic() < deadline, "a request was never released"
+            time.sleep(0.05)
 
 
 # --- health, models, info ------------------------------------------------------------------
@@ -382,3 +386,42 @@ def test_concurrent_mixed_requests_all_complete_and_add_up(proxy: ServerProcess)
     delta = {k: after[k] - before[k] for k in ("total", "completed", "cancelled", "failed")}
     assert delta == {"total": n, "completed": n, "cancelled": 0, "failed": 0}, delta
     assert after["tokens_generated"] - before["tokens_generated"] == n * max_tokens
+
+
+def test_max_queue_bounds_what_waits_in_llama_server(data_dir: Path,
+                                                     upstream: LlamaServer) -> None:
+    """As in-process: past llama-server's slots plus ML_OFFLOAD_MAX_QUEUE waiting, a 429 in
+    OpenAI's shape with Retry-After; everything admitted completes; the count returns to 0."""
+    env = {**proxy_env(upstream.url), "ML_OFFLOAD_MAX_QUEUE": "1"}
+    with ServerProcess(data_dir, env=env) as proc:
+        proc.wait_ready()
+        slots = httpx.get(proc.url + "/api/backend/info").json()["upstream"]["total_slots"]
+        admitted = slots + 1
+        n = 3 * admitted
+
+        async def one(client: httpx.AsyncClient, i: int) -> httpx.Response:
+            return await client.post("/v1/completions", json={
+                "prompt": f"Story {i}:", "max_tokens": 48, "temperature": 0,
+                "ignore_eos": True})
+
+        async def main() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=proc.url, timeout=300) as client:
+                return await asyncio.gather(*(one(client, i) for i in range(n)))
+
+        responses = asyncio.run(main())
+        ok = [r for r in responses if r.status_code == 200]
+        refused = [r for r in responses if r.status_code != 200]
+        assert ok and refused and len(ok) + len(refused) == n
+        assert len(ok) >= admitted, [r.status_code for r in responses]
+        for r in refused:
+            err = assert_openai_error(r, 429, "rate_limit_exceeded")
+            assert "max_queue 1" in err["message"]
+            assert int(r.headers["retry-after"]) >= 1
+        assert all(r.json()["usage"]["completion_tokens"] == 48 for r in ok)
+        status = httpx.get(proc.url + "/status").json()
+        assert status["upstream"]["in_flight"] == 0 and status["upstream"]["slots"] == slots
+        assert status["requests"]["rejected"] == len(refused)
+        assert status["requests"]["completed"] == len(ok)
+        again = httpx.post(proc.url + "/v1/completions", timeout=120,
+                           json={"prompt": "Again", "max_tokens": 2})
+        assert again.status_code == 200

@@ -58,6 +58,9 @@ def api(proxy: ServerProcess, upstream: LlamaServer) -> Iterator[httpx.Client]:
     upstream.ensure_running()
     with httpx.Client(base_url=proxy.url, timeout=120) as client:
         yield client
+        # Whatever broke, every request it admitted has been let go of.
+        wait_for(lambda: client.get("/status").json()["upstream"]["in_flight"] == 0,
+                 timeout=30, what="in-flight requests to be released")
     assert proxy.proc.poll() is None, "our server must never restart"
 
 

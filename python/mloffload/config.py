@@ -163,7 +163,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("load_timeout", 300.0, parse_duration,
            "how long a request waits for its model to load", "DURATION"),
     Option("max_queue", 64, parse_int,
-           "requests allowed to wait per model before answering 429", "N"),
+           "requests allowed to wait per model before answering 429 (with llama-server: "
+           "beyond its busy slots)", "N"),
     Option("request_timeout", 600.0, parse_duration,
            "longest a single request may run before it is cancelled", "DURATION"),
     Option("max_body", 4 * 1024**2, parse_size, "largest request body accepted (413 past it)",

@@ -195,11 +195,12 @@ class UpstreamModel:
 class Relay:
     """One streamed answer's upstream response and bookkeeping, closed exactly once."""
 
-    __slots__ = ("backend", "closed", "outcome", "resp", "tail")
+    __slots__ = ("backend", "closed", "outcome", "resp", "started", "tail")
 
-    def __init__(self, backend: UpstreamBackend, resp: httpx.Response) -> None:
+    def __init__(self, backend: UpstreamBackend, resp: httpx.Response, started: float) -> None:
         self.backend = backend
         self.resp = resp
+        self.started = started
         self.outcome = "cancelled"  # unless the stream reaches its end
         self.tail: collections.deque[bytes] = collections.deque(maxlen=3)  # for the usage
         self.closed = False
@@ -212,6 +213,7 @@ class Relay:
             await self.resp.aclose()
         prompt, completion = token_counts(b"".join(self.tail))
         self.backend.stats.end(self.outcome, prompt, completion)
+        self.backend.end_turn(self.started, self.outcome == "completed")
 
 
 class RelayResponse(StreamingResponse):
@@ -254,6 +256,11 @@ class UpstreamBackend:
         self._last_health: dict[str, Any] = {
             "available": False, "ready": False, "details": "not checked yet", "checked_at": None}
         self._loading = False
+        # Admission: llama-server's slots work, up to max_queue more requests wait in it;
+        # past that, 429 as the in-process backend does. Slots come from its /props.
+        self._slots = 1
+        self._in_flight = 0
+        self._job_seconds = 1.0  # moving average of a request's time, for Retry-After
         self._urls: dict[str, httpx.URL] = {}
         self._timeout: dict[str, float | None] = {}
         headers = dict(_HEADERS)
@@ -388,6 +395,9 @@ class UpstreamBackend:
             raise APIError(502, f"llama-server at {self.url} sent an unexpected /v1/models.",
                            code="upstream_error")
         model_path = props.get("model_path") if isinstance(props, dict) else None
+        slots = props.get("total_slots") if isinstance(props, dict) else None
+        if isinstance(slots, int) and slots > 0:
+            self._slots = slots
         paths: dict[str, str] = {}
         for m in listing.get("models") or []:  # llama-server's ollama-style list has the file
             if isinstance(m, dict) and isinstance(m.get("name"), str):
@@ -464,6 +474,7 @@ class UpstreamBackend:
                      request: Request, path: str) -> tuple[httpx.Response, float]:
         """Resolve the model, send the request, and return llama-server's 200 answer."""
         t0 = time.monotonic()
+        turn = False
         try:
             target = await self.resolve(req.model)
             if isinstance(req, EmbeddingRequest) and req.dimensions is not None:
@@ -474,15 +485,23 @@ class UpstreamBackend:
                                    param="dimensions", code="invalid_value")
             body = self._body(req, target)
             stream = isinstance(req, ChatCompletionRequest | CompletionRequest) and req.stream
+            self._take_turn()
+            turn = True
             resp = await unless_disconnected(request,
                                              self._send("POST", path, body, last=stream))
         except APIError as exc:
             self.stats.record("rejected" if exc.status in (429, 503) else "failed")
+            if turn:
+                self.end_turn(t0, False)
             raise
-        except ClientGone:
-            self.stats.record("cancelled")
+        except BaseException as exc:
+            if isinstance(exc, ClientGone):
+                self.stats.record("cancelled")
+            if turn:
+                self.end_turn(t0, False)
             raise
         if resp.status_code != 200:
+            self.end_turn(t0, False)
             try:
                 content = await resp.aread()
             except httpx.HTTPError:
@@ -495,7 +514,7 @@ class UpstreamBackend:
         self.stats.begin()
         return resp, t0
 
-    async def _read_all(self, resp: httpx.Response) -> bytes:
+    async def _read_all(self, resp: httpx.Response, started: float) -> bytes:
         """The whole answer of a non-streamed request; bookkeeping for failures.
 
         llama-server sends its headers only once the answer is ready, so the body follows
@@ -516,6 +535,23 @@ class UpstreamBackend:
         finally:
             with anyio.CancelScope(shield=True):
                 await resp.aclose()
+            self.end_turn(started, True)
+
+    def _take_turn(self) -> None:
+        """Count this request in, or refuse it with a 429 when the queue is full."""
+        waiting = self._in_flight - self._slots
+        if waiting >= self.settings.max_queue:
+            retry = max(1, round((waiting + 1) * self._job_seconds / self._slots))
+            raise APIError(
+                429, f"llama-server at {self.url} is busy: {self._slots} slot(s) working and "
+                f"{waiting} request(s) waiting (max_queue {self.settings.max_queue}); retry "
+                "later.", code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
+        self._in_flight += 1
+
+    def end_turn(self, started: float, finished: bool) -> None:
+        self._in_flight -= 1
+        if finished:
+            self._job_seconds += 0.2 * (time.monotonic() - started - self._job_seconds)
 
     async def _generate(self, path: str, req: ChatCompletionRequest | CompletionRequest,
                         request: Request) -> Response:
@@ -524,9 +560,9 @@ class UpstreamBackend:
         resp, t0 = await self._admit(req, request, path)
         rewrite = ModelRewrite(req.model)
         if req.stream:
-            relay = Relay(self, resp)
+            relay = Relay(self, resp, t0)
             return RelayResponse(self._relay(relay, rewrite, t0, path), relay)
-        content = rewrite(await self._read_all(resp))
+        content = rewrite(await self._read_all(resp, t0))
         self.stats.end("completed", *token_counts(content))
         return Response(content, media_type="application/json")
 
@@ -608,8 +644,8 @@ class UpstreamBackend:
     # --- embeddings -----------------------------------------------------------------------
 
     async def embeddings(self, req: EmbeddingRequest, request: Request) -> Response:
-        resp, _ = await self._admit(req, request, "/v1/embeddings")
-        content = ModelRewrite(req.model)(await self._read_all(resp))
+        resp, t0 = await self._admit(req, request, "/v1/embeddings")
+        content = ModelRewrite(req.model)(await self._read_all(resp, t0))
         self.stats.end("completed", _first_int(_PROMPT_TOKENS, content) or 0)
         return Response(content, media_type="application/json")
 
@@ -691,7 +727,10 @@ class UpstreamBackend:
         out: dict[str, Any] = {
             "loaded_models": loaded,
             "loading": [m["id"] for m in loaded] if self._loading else [],
-            "upstream": {"url": self.url, **h},
+            "upstream": {"url": self.url, **h, "slots": self._slots,
+                         "in_flight": self._in_flight,
+                         "waiting": max(0, self._in_flight - self._slots),
+                         "max_queue": self.settings.max_queue},
         }
         if self.supervisor is not None:
             out["supervisor"] = self.supervisor.status()
