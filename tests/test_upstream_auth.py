@@ -6,6 +6,7 @@ environment rather than the process list.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,10 +68,15 @@ def test_a_missing_or_wrong_key_is_a_clear_502(data_dir: Path, keyed_upstream: L
                "ML_OFFLOAD_LLAMACPP_API_KEY_FILE": str(wrong)}, "refused the key")]
     for env, said in cases:
         with ServerProcess(data_dir, env=env) as proc:
-            proc.wait_ready()  # llama-server's /health is open: we are up
+            proc.wait_ready(path="/")
             assert "ML_OFFLOAD_LLAMACPP_API_KEY" in proc.wait_log("requires an API key")
+            # llama-server's /health is open, but a server that can't use it is not ready.
             health = httpx.get(proc.url + "/api/health").json()
-            assert health["backends"]["llamacpp"]["available"] is True
+            entry = health["backends"]["llamacpp"]
+            assert entry["available"] is True and entry["ready"] is False
+            assert "ML_OFFLOAD_LLAMACPP_API_KEY" in entry["details"]
+            r = httpx.get(proc.url + "/health")
+            assert r.status_code == 503 and "API key" in r.text
             r = httpx.post(proc.url + CHAT, json={"messages": HELLO, "max_tokens": 2},
                            timeout=60)
             # Not the client's fault: not a 401 that would send it looking at its own key.
@@ -78,7 +84,6 @@ def test_a_missing_or_wrong_key_is_a_clear_502(data_dir: Path, keyed_upstream: L
             assert err["code"] == "upstream_auth_failed"
             assert said in err["message"] and "ML_OFFLOAD_LLAMACPP_API_KEY" in err["message"]
             assert "not-the-key" not in proc.log()
-            assert httpx.get(proc.url + "/health").status_code == 200
 
 
 def test_supervised_llama_server_gets_the_key_outside_its_command_line(
@@ -99,3 +104,27 @@ def test_supervised_llama_server_gets_the_key_outside_its_command_line(
         # The supervised llama-server enforces it: straight to it without the key is a 401.
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
         assert KEY not in proc.log()
+
+
+def test_readiness_comes_back_once_the_key_is_no_longer_refused(
+        data_dir: Path, model_path: Path, tmp_path: Path) -> None:
+    port = free_port()
+    keyed = LlamaServer(model_path, tmp_path, port, ["--api-key", KEY])
+    with ServerProcess(data_dir, env=proxy_env(keyed.url)) as proc:
+        with keyed:
+            keyed.start().wait_ready()
+            proc.wait_ready(path="/")
+            # Our server started while llama-server was still loading; once that is up, the
+            # first health probe finds our (missing) key refused.
+            deadline = time.monotonic() + 60
+            while "API key" not in (r := httpx.get(proc.url + "/health")).text:
+                assert time.monotonic() < deadline, proc.log()
+                time.sleep(0.2)
+            assert r.status_code == 503 and "requires an API key" in proc.log()
+        # llama-server comes back without --api-key: the same server becomes ready again.
+        with LlamaServer(model_path, tmp_path, port) as open_server:
+            open_server.start().wait_ready()
+            proc.wait_ready(timeout=60)
+            r = httpx.post(proc.url + CHAT, json={"messages": HELLO, "max_tokens": 2},
+                           timeout=60)
+            assert r.status_code == 200, r.text

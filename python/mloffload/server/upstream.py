@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import re
@@ -261,6 +262,8 @@ class UpstreamBackend:
         self._slots = 1
         self._in_flight = 0
         self._job_seconds = 1.0  # moving average of a request's time, for Retry-After
+        # Set while llama-server refuses our key: its /health is open, so it looks ready.
+        self._auth_error: str | None = None
         self._urls: dict[str, httpx.URL] = {}
         self._timeout: dict[str, float | None] = {}
         headers = dict(_HEADERS)
@@ -304,7 +307,8 @@ class UpstreamBackend:
             try:  # /health needs no key; the model list does: say now if ours is wrong
                 await self.catalog(refresh=True)
             except APIError as exc:
-                log.warning("%s", exc.message)
+                if exc.code != "upstream_auth_failed":  # that one _note has logged
+                    log.warning("%s", exc.message)
         else:
             log.warning("llama-server at %s is not ready yet: %s", self.url, reason)
 
@@ -376,7 +380,7 @@ class UpstreamBackend:
         finally:
             await resp.aclose()
         if resp.status_code != 200:
-            raise upstream_error(resp.status_code, content, self.url, self._keyed)
+            raise self._note(upstream_error(resp.status_code, content, self.url, self._keyed))
         try:
             return orjson.loads(content)
         except orjson.JSONDecodeError:
@@ -394,6 +398,7 @@ class UpstreamBackend:
         if not isinstance(listing, dict):
             raise APIError(502, f"llama-server at {self.url} sent an unexpected /v1/models.",
                            code="upstream_error")
+        self._auth_error = None
         model_path = props.get("model_path") if isinstance(props, dict) else None
         slots = props.get("total_slots") if isinstance(props, dict) else None
         if isinstance(slots, int) and slots > 0:
@@ -508,9 +513,10 @@ class UpstreamBackend:
                 content = b""
             finally:
                 await resp.aclose()
-            error = upstream_error(resp.status_code, content, self.url, self._keyed)
+            error = self._note(upstream_error(resp.status_code, content, self.url, self._keyed))
             self.stats.record("rejected" if error.status in (429, 503) else "failed")
             raise error
+        self._auth_error = None
         self.stats.begin()
         return resp, t0
 
@@ -536,6 +542,13 @@ class UpstreamBackend:
             with anyio.CancelScope(shield=True):
                 await resp.aclose()
             self.end_turn(started, True)
+
+    def _note(self, error: APIError) -> APIError:
+        if error.code == "upstream_auth_failed":
+            if self._auth_error is None:
+                log.warning("%s", error.message)
+            self._auth_error = error.message
+        return error
 
     def _take_turn(self) -> None:
         """Count this request in, or refuse it with a 429 when the queue is full."""
@@ -671,6 +684,14 @@ class UpstreamBackend:
                 why += f"; {self.supervisor.describe()}"
             return False, why, {"available": False, "ready": False, "details": why}
         if resp.status_code == 200:
+            if self._auth_error is not None or self._catalog is None:
+                # /health needs no key: until the model list (which does) has come back,
+                # or while our key is refused, ask for it.
+                with contextlib.suppress(APIError):
+                    await self.catalog(refresh=True)
+            if self._auth_error is not None:
+                return False, self._auth_error, \
+                    {"available": True, "ready": False, "details": self._auth_error}
             details = "llama-server is running and ready"
             return True, "", {"available": True, "ready": True, "details": details}
         said = upstream_error(resp.status_code, content, self.url, self._keyed).message
