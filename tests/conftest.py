@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from helpers import ServerProcess  # noqa: E402
+from nvim_harness import Editor, editors, register_plugin  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +46,16 @@ def server(data_dir: Path) -> Iterator[ServerProcess]:
 @pytest.fixture
 def base_url(server: ServerProcess) -> str:
     return server.url
+
+
+@pytest.fixture(scope="session")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The remote plugin registered once (:UpdateRemotePlugins) for every editor test."""
+    return register_plugin(tmp_path_factory.mktemp("nvim-register"))
+
+
+@pytest.fixture
+def editor(tmp_path: Path, manifest: Path, data_dir: Path) -> Iterator[Callable[..., Editor]]:
+    """A factory of headless editors with the plugin, all closed at the end of the test."""
+    with editors(tmp_path, manifest, data_dir) as start:
+        yield start

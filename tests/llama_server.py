@@ -19,6 +19,8 @@ from pathlib import Path
 
 import httpx
 
+from helpers import stop_process
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -80,13 +82,8 @@ class LlamaServer:
 
     def stop(self) -> None:
         """A clean stop (SIGTERM), as a service manager would."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        if self.proc is not None:
+            stop_process(self.proc, grace=30)
 
     def kill(self) -> None:
         """A crash (SIGKILL): connections drop with no goodbye."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,23 +17,12 @@ import httpx
 import pytest
 
 from helpers import ServerProcess, free_port
-from nvim_harness import Editor, chat_params, editors, register_plugin
+from nvim_harness import Editor, chat_params
 
 pytestmark = pytest.mark.timeout(900)
 
 Factory = Callable[..., Editor]
 LOCAL = "llama.cpp (local fallback)"
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return register_plugin(tmp_path_factory.mktemp("nvim-register"))
-
-
-@pytest.fixture
-def editor(tmp_path: Path, manifest: Path, data_dir: Path) -> Iterator[Factory]:
-    with editors(tmp_path, manifest, data_dir) as start:
-        yield start
 
 
 def nowhere() -> str:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +24,13 @@ from nvim_harness import (
     Editor,
     RecordingProxy,
     chat_params,
-    editors,
     nvim_binary,
-    register_plugin,
 )
 
 pytestmark = pytest.mark.timeout(600)
 
 Factory = Callable[..., Editor]
 USAGE = re.compile(r"_(\d+) tokens · [\d.]+ tokens/s · [\d.]+ s · (\d+) prompt tokens · (.+)_$")
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return register_plugin(tmp_path_factory.mktemp("nvim-register"))
-
-
-@pytest.fixture
-def editor(tmp_path: Path, manifest: Path, data_dir: Path) -> Iterator[Factory]:
-    with editors(tmp_path, manifest, data_dir) as start:
-        yield start
 
 
 def keys(ed: Editor, text: str) -> None:

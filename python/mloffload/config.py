@@ -237,6 +237,14 @@ class Settings:
         physical cores on SMT machines) leaves room for the HTTP loop and the clients."""
         return self.threads if self.threads > 0 else max(1, (os.cpu_count() or 2) // 2)
 
+    def token_limit(self, requested: int | None) -> int | None:
+        """The max_tokens a request gets: what it asked for, else default_max_tokens (0:
+        none), then no more than the max_tokens cap (0: none). None: up to the context."""
+        wanted = requested if requested is not None else (self.default_max_tokens or None)
+        if self.max_tokens and (wanted is None or wanted > self.max_tokens):
+            return self.max_tokens
+        return wanted
+
     @property
     def registry_path(self) -> Path:
         return self.data_dir / "registry.sqlite3"

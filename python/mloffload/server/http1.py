@@ -34,16 +34,16 @@ class _Connection(asyncio.Protocol):
         self.lost = False
         self.lost_exc: BaseException | None = None
         self.idle_since = 0.0
+        self.paused = False  # reading paused: the caller has a lot left to take
         self._waiter: asyncio.Future[None] | None = None
         self._reset()
 
     def _reset(self) -> None:
-        if getattr(self, "paused", False) and self.transport is not None:
+        if self.paused and self.transport is not None:
             self.transport.resume_reading()  # an earlier answer was left unread
         self.parser = httptools.HttpResponseParser(self)
         self.headers: list[tuple[bytes, bytes]] = []
         self.headers_done = False
-        self.until_close = False
         self.complete = False
         self.keep_alive = False
         self.error: httpx.TransportError | None = None
@@ -76,7 +76,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.lost_exc = exc
-        if exc is None and self.headers_done and not self.complete and self.until_close:
+        if exc is None and self.headers_done and not self.complete and self._until_close():
             self.complete = True  # a body with neither length nor chunks ends with the stream
         self._wake()
 
@@ -87,8 +87,11 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
-        names = {name.lower() for name, _ in self.headers}
-        self.until_close = not names & {b"content-length", b"transfer-encoding"}
+
+    def _until_close(self) -> bool:
+        """Neither a length nor chunks: the body is whatever comes until the server closes."""
+        return not {name.lower() for name, _ in self.headers} & {
+            b"content-length", b"transfer-encoding"}
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)

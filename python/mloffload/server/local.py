@@ -166,12 +166,7 @@ class LocalBackend:
 
     def _capped(self, params: SamplingParams) -> SamplingParams:
         """The server's default for requests that name no max_tokens, then its hard cap."""
-        wanted = params.max_tokens
-        if wanted is None and self.settings.default_max_tokens:
-            wanted = self.settings.default_max_tokens
-        cap = self.settings.max_tokens
-        if cap and (wanted is None or wanted > cap):
-            wanted = cap
+        wanted = self.settings.token_limit(params.max_tokens)
         return params if wanted == params.max_tokens else dataclasses.replace(
             params, max_tokens=wanted)
 
@@ -388,4 +383,3 @@ def _note_tokens(request: Request, prompt_tokens: int, completion_tokens: int) -
     """For the access log line (see guard.py)."""
     request.state.prompt_tokens = prompt_tokens
     request.state.completion_tokens = completion_tokens
-

@@ -270,7 +270,6 @@ class UpstreamBackend:
         if settings.llamacpp_api_key:
             headers["Authorization"] = f"Bearer {settings.llamacpp_api_key}"
         self._headers = httpx.Headers(headers)
-        self._keyed = bool(settings.llamacpp_api_key)
         self._close_headers = httpx.Headers({**headers, **_CLOSE})
         self.supervisor: LlamaServerSupervisor | None = None
         if settings.llama_server_bin is not None:
@@ -380,7 +379,7 @@ class UpstreamBackend:
         finally:
             await resp.aclose()
         if resp.status_code != 200:
-            raise self._note(upstream_error(resp.status_code, content, self.url, self._keyed))
+            raise self._upstream_error(resp.status_code, content)
         try:
             return orjson.loads(content)
         except orjson.JSONDecodeError:
@@ -462,17 +461,19 @@ class UpstreamBackend:
         # minus our own keep_alive; our defaults fill in only where llama-server's differ.
         data = req.model_dump(exclude_unset=True, exclude={"keep_alive"})
         data["model"] = target.upstream_id
+        if isinstance(req, EmbeddingRequest):
+            return orjson.dumps(data)
+        limit = self.settings.token_limit  # the same default and cap as in-process
         if isinstance(req, CompletionRequest) and "max_tokens" not in data:
             data["max_tokens"] = req.max_tokens  # OpenAI's 16; llama-server's is unlimited
-        elif (isinstance(req, ChatCompletionRequest) and self.settings.default_max_tokens
-              and "max_tokens" not in data and "max_completion_tokens" not in data):
-            data["max_tokens"] = self.settings.default_max_tokens  # as the in-process backend
-        cap = self.settings.max_tokens
-        if cap and not isinstance(req, EmbeddingRequest):
-            for key in ("max_tokens", "max_completion_tokens"):
-                if isinstance(data.get(key), int) and data[key] > cap:
-                    data[key] = cap
-            data.setdefault("max_tokens", cap)
+        elif ("max_tokens" not in data and "max_completion_tokens" not in data
+              and (wanted := limit(None)) is not None):
+            data["max_tokens"] = wanted
+        for key in ("max_tokens", "max_completion_tokens"):
+            if isinstance(data.get(key), int):
+                data[key] = limit(data[key])
+        if self.settings.max_tokens:
+            data.setdefault("max_tokens", self.settings.max_tokens)
         return orjson.dumps(data)
 
     async def _admit(self, req: ChatCompletionRequest | CompletionRequest | EmbeddingRequest,
@@ -513,7 +514,7 @@ class UpstreamBackend:
                 content = b""
             finally:
                 await resp.aclose()
-            error = self._note(upstream_error(resp.status_code, content, self.url, self._keyed))
+            error = self._upstream_error(resp.status_code, content)
             self.stats.record("rejected" if error.status in (429, 503) else "failed")
             raise error
         self._auth_error = None
@@ -543,7 +544,9 @@ class UpstreamBackend:
                 await resp.aclose()
             self.end_turn(started, True)
 
-    def _note(self, error: APIError) -> APIError:
+    def _upstream_error(self, status: int, content: bytes) -> APIError:
+        """llama-server's error as ours; a refused key is remembered for /health."""
+        error = upstream_error(status, content, self.url, bool(self.settings.llamacpp_api_key))
         if error.code == "upstream_auth_failed":
             if self._auth_error is None:
                 log.warning("%s", error.message)
@@ -650,7 +653,7 @@ class UpstreamBackend:
                     status = int(err.get("code") or 500)
                 except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
                     status = 500
-                api = upstream_error(status, ev[len(b"data: "):], self.url, self._keyed)
+                api = self._upstream_error(status, ev[len(b"data: "):])
                 events[i] = event(api.body())[:-2]
         return b"\n\n".join(events)
 
@@ -694,7 +697,7 @@ class UpstreamBackend:
                     {"available": True, "ready": False, "details": self._auth_error}
             details = "llama-server is running and ready"
             return True, "", {"available": True, "ready": True, "details": details}
-        said = upstream_error(resp.status_code, content, self.url, self._keyed).message
+        said = self._upstream_error(resp.status_code, content).message
         said = said.removeprefix("llama-server: ")
         if resp.status_code == 503 and "loading" in said.lower():
             details = f"llama-server at {self.url} is loading its model ({said})"
