@@ -315,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parse_shared_args(parser, argv, "nvim")
 
-    from mloffload.catalog import ensure_embedded_model
+    from mloffload.models.catalog import ensure_embedded_model
 
     with tempfile.TemporaryDirectory(prefix="ml-offload-bench-nvim-") as tmp:
         home = Path(tmp)

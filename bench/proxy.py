@@ -70,9 +70,8 @@ def llama_server_binary(explicit: str | None) -> str:
     for cand in (explicit, os.environ.get("ML_OFFLOAD_LLAMA_SERVER_BIN")):
         if cand and os.access(cand, os.X_OK):
             return cand
-    out = subprocess.run(["bash", str(REPO / "scripts" / "build-llama-server.sh")],
-                         env={**os.environ, "PYTHON": sys.executable}, stdout=subprocess.PIPE,
-                         text=True, check=True)
+    out = subprocess.run([sys.executable, str(REPO / "python/mloffload/engine/build.py"),
+                          "llama-server"], stdout=subprocess.PIPE, text=True, check=True)
     return out.stdout.strip().splitlines()[-1]
 
 
@@ -118,8 +117,8 @@ def ms(x: float | None) -> float | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mloffload.catalog import ensure_embedded_model
     from mloffload.config import default_data_dir
+    from mloffload.models.catalog import ensure_embedded_model
 
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
     model = (Path(args.model).expanduser() if args.model else ensure_embedded_model(data_dir))
@@ -302,7 +301,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--data-dir", help="where the embedded model is assembled "
                    "(default: the server's data dir)")
     p.add_argument("--llama-server-bin", help="llama-server binary (default: "
-                   "$ML_OFFLOAD_LLAMA_SERVER_BIN, else scripts/build-llama-server.sh)")
+                   "$ML_OFFLOAD_LLAMA_SERVER_BIN, else python/mloffload/engine/build.py)")
     p.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
     p.add_argument("--log-dir", help="keep the servers' logs here (default: a temp dir)")
     p.add_argument("--quick", action="store_true", help="30 latency + 3 stream pairs")

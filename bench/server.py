@@ -52,6 +52,8 @@ from typing import Any
 
 import httpx
 
+from mloffload.engine.build import pinned_version
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
@@ -372,7 +374,7 @@ def start_llama_server(s: Settings, log_dir: Path, binary: str) -> HTTPSystem:
     except (OSError, subprocess.SubprocessError):
         sysm.version = None
     sysm.description = ("llama.cpp's own llama-server (C++), built from the pinned "
-                        "llama-cpp-python sdist by scripts/build-llama-server.sh; 1 slot")
+                        "llama-cpp-python sdist by python/mloffload/engine/build.py; 1 slot")
     return sysm
 
 
@@ -516,8 +518,8 @@ def compact(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mloffload.catalog import ensure_embedded_model
     from mloffload.config import default_data_dir
+    from mloffload.models.catalog import ensure_embedded_model
 
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
     model = Path(args.model).expanduser() if args.model else ensure_embedded_model(data_dir)
@@ -553,13 +555,13 @@ def run(args: argparse.Namespace) -> int:
                 import llama_cpp.server  # noqa: F401
             except ImportError as exc:
                 notes.append(f"llama_cpp.server skipped: {exc} "
-                             "(pip install 'llama-cpp-python[server]==0.3.36')")
+                             f"(pip install 'llama-cpp-python[server]=={pinned_version()}')")
             else:
                 starting.append(start_llama_cpp_server(s, log_dir))
         if "llama_server" in systems_wanted:
             binary = find_llama_server(args.llama_server_bin)
             if binary is None:
-                notes.append("llama-server skipped: no binary (scripts/build-llama-server.sh "
+                notes.append("llama-server skipped: no binary (./dev build "
                              "or ML_OFFLOAD_LLAMA_SERVER_BIN)")
             else:
                 starting.append(start_llama_server(s, log_dir, binary))

@@ -19,7 +19,7 @@ from nvim_harness import Editor, editors, register_plugin  # noqa: E402
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One data dir for the session: the embedded model is assembled into it once."""
     path = tmp_path_factory.mktemp("ml-offload-data")
-    from mloffload.catalog import ensure_embedded_model
+    from mloffload.models.catalog import ensure_embedded_model
 
     ensure_embedded_model(path)
     return path
@@ -27,7 +27,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def model_path(data_dir: Path) -> Path:
-    from mloffload.catalog import embedded_model_path
+    from mloffload.models.catalog import embedded_model_path
 
     return embedded_model_path(data_dir)
 

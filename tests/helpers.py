@@ -122,3 +122,18 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None 
     if param is not None:
         assert err["param"] == param, err
     return dict(err)
+
+
+def machine_gpu() -> tuple[bool, str]:
+    """(whether llama.cpp here can offload to a GPU NVML sees, why not). Tests that look at
+    GPU numbers check this machine's truth: "no GPU, and the reason" without one, the
+    GPU's real numbers with one."""
+    from mloffload.engine.llamacpp import engine_facts
+    from mloffload.hardware.gpu import GPUProbe
+
+    snap = GPUProbe().snapshot()
+    if not snap.available:
+        return False, snap.reason
+    if not engine_facts().get("supports_gpu_offload"):
+        return False, "this llama.cpp build cannot offload"
+    return True, ""

@@ -1,8 +1,8 @@
 """A real llama.cpp ``llama-server`` for tests and benchmarks: built once, started on a port.
 
 The binary comes from ``ML_OFFLOAD_LLAMA_SERVER_BIN`` (``./dev test`` exports it) or from
-``scripts/build-llama-server.sh``, which builds it into ~/.cache/ml-offload the first time
-(about five minutes on two cores), so a fresh CI machine runs these tests too.
+``python/mloffload/engine/build.py``, which builds it into ~/.cache/ml-offload the first
+time (about five minutes on two cores), so a fresh CI machine runs these tests too.
 """
 
 from __future__ import annotations
@@ -30,10 +30,8 @@ def llama_server_bin() -> Path:
     if env and os.access(env, os.X_OK):
         return Path(env)
     out = subprocess.run(
-        ["bash", str(REPO / "scripts" / "build-llama-server.sh")],
-        env={**os.environ, "PYTHON": sys.executable}, stdout=subprocess.PIPE, text=True,
-        check=True, timeout=3600,
-    )
+        [sys.executable, str(REPO / "python" / "mloffload" / "engine" / "build.py"),
+         "llama-server"], stdout=subprocess.PIPE, text=True, check=True, timeout=3600)
     return Path(out.stdout.strip().splitlines()[-1])
 
 

@@ -1,23 +1,38 @@
-"""The NVML probe. This machine has no GPU: the real answer is checked as it is, and a fake
-`pynvml` (a GPU cannot be provoked here) checks how a present GPU is read and reported."""
+"""The NVML probe. The real answer is checked as this machine gives it (no GPU and the reason,
+or the GPU's real numbers), and a fake `pynvml` checks how a present GPU is read and reported
+on machines that have none."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 import types
 from typing import Any
 
 import pytest
 
-from mloffload.gpu import GB, GPUProbe
+from mloffload.hardware.gpu import GB, GPUProbe
 
 
-def test_no_gpu_is_a_structured_answer() -> None:
+def test_the_real_answer_for_this_machine() -> None:
     snap = GPUProbe().snapshot()
-    assert snap.available is False
-    assert snap.reason  # e.g. "NVML could not start: NVML Shared Library Not Found ..."
-    assert snap.to_dict() == {"available": False, "reason": snap.reason, "gpus": []}
+    data = snap.to_dict()
+    if not snap.available:
+        assert snap.reason  # e.g. "NVML could not start: NVML Shared Library Not Found ..."
+        assert data == {"available": False, "reason": snap.reason, "gpus": []}
+        return
+    assert snap.gpus and snap.driver_version
+    for g in snap.gpus:
+        assert g.name and g.total_bytes > 0
+        assert 0 <= g.used_bytes <= g.total_bytes and 0 <= g.free_bytes <= g.total_bytes
+    assert data["total_bytes"] == sum(g.total_bytes for g in snap.gpus)
+    smi = shutil.which("nvidia-smi")
+    if smi:  # the driver's own tool must agree on each card's size (MiB)
+        out = subprocess.run([smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, check=True).stdout.split()
+        assert [int(x) for x in out] == [g.total_bytes // 1024**2 for g in snap.gpus]
 
 
 class _NVMLError(Exception):

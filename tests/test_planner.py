@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mloffload.gguf_info import GGUFInfo, read_gguf_info
-from mloffload.planner import compute_buffer_bytes, kv_bytes_per_layer, plan_offload
+from mloffload.hardware.planner import compute_buffer_bytes, kv_bytes_per_layer, plan_offload
+from mloffload.models.gguf_info import GGUFInfo, read_gguf_info
 
 MiB = 1024**2
 MARGIN = 512 * MiB

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from mloffload.catalog import CatalogError, open_registry
+from helpers import machine_gpu
 from mloffload.config import settings_from
-from mloffload.gguf_info import GGUFError, read_gguf_info
-from mloffload.registry import Registry
+from mloffload.models.catalog import CatalogError, open_registry
+from mloffload.models.gguf_info import GGUFError, read_gguf_info
+from mloffload.models.registry import Registry
 
 
 def test_header_matches_gguf_package(model_path: Path) -> None:
@@ -158,8 +159,10 @@ def test_plan_command(tmp_path: Path, data_dir: Path) -> None:
     assert plan["kv_bytes_total"] == 18 * 8192 * 512 * 2
     small = json.loads(_cli("plan", "default", "--free-vram", "700MiB", data_dir=data).stdout)
     assert 0 < small["n_gpu_layers"] < 19
-    # Without --free-vram it asks the GPU: none here, so the CPU plan and the reason.
+    # Without --free-vram it asks the GPU: with none, the CPU plan and the reason; with one
+    # (and a llama.cpp that can offload), all 19 layers of this small model.
     here = json.loads(_cli("plan", "default", data_dir=data).stdout)
-    assert here["n_gpu_layers"] == 0 and here["reason"]
+    offload, _ = machine_gpu()
+    assert here["n_gpu_layers"] == (19 if offload else 0) and here["reason"]
     missing = _cli("plan", "nope", data_dir=data)
     assert missing.returncode == 1 and "unknown model" in missing.stderr

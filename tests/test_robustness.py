@@ -215,7 +215,7 @@ def test_path_like_model_names_are_unknown(srv: ServerProcess, name: str) -> Non
 
 
 def test_resolving_a_name_never_touches_the_filesystem(tmp_path: Path, model_path: Path) -> None:
-    from mloffload.registry import Registry
+    from mloffload.models.registry import Registry
 
     reg = Registry(tmp_path / "r.sqlite3")
     reg.register_file(model_path, "embedded")

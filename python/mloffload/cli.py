@@ -3,6 +3,8 @@
     ml-offload models [--json]                      the registry as a table (or JSON)
     ml-offload plan MODEL [--free-vram SIZE] [--n-ctx N] [--n-gpu-layers N]
                                                     "will this fit?" as JSON
+    ml-offload doctor [--json] [--fresh]            can this machine run its llama.cpp builds?
+                                                    (one token and one embedding, in a child)
     ml-offload serve [server options]               same as python -m mloffload.server
 
 Both read the same configuration (environment, --config TOML) as the server.
@@ -17,11 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .catalog import CatalogError, open_registry
 from .config import ConfigError, Settings, load_settings, parse_gpu_layers, parse_size
-from .gguf_info import GGUFError, read_gguf_info
 from .logs import setup_logging
-from .registry import ModelEntry
+from .models.catalog import CatalogError, open_registry
+from .models.gguf_info import GGUFError, read_gguf_info
+from .models.registry import ModelEntry
 
 
 def _human(n: int | None) -> str:
@@ -72,8 +74,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .gpu import GPUProbe
-    from .planner import plan_offload
+    from .hardware.gpu import GPUProbe
+    from .hardware.planner import plan_offload
 
     settings = _settings(args.server_args)
     # A registered id/alias, or (a local convenience) a .gguf path on disk.
@@ -118,6 +120,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Smoke-test every engine this machine has; exit 1 (with one line each) if one fails."""
+    from .engine import doctor
+
+    settings = _settings(args.server_args)
+    checks = doctor.check_engines(settings, use_cache=not args.fresh)
+    if args.json:
+        print(json.dumps([c.to_dict() for c in checks], indent=2))
+    else:
+        for c in checks:
+            print(("ok: " if c.ok else "FAILED: ") + c.line,
+                  file=sys.stdout if c.ok else sys.stderr)
+            if c.ok and c.detail.get("system_info"):
+                print(f"    system info: {c.detail['system_info']}")
+    return 0 if all(c.ok for c in checks) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ml-offload", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,9 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_plan.add_argument("--n-ctx", type=int, help="context length to plan the KV cache for")
     p_plan.add_argument("--n-gpu-layers", help="explicit layer count (overrides auto)")
     p_plan.set_defaults(func=cmd_plan)
+    p_doctor = sub.add_parser("doctor", help="smoke-test the llama.cpp builds (a token and an "
+                              "embedding, in a child process)")
+    p_doctor.add_argument("--json", action="store_true", help="print JSON")
+    p_doctor.add_argument("--fresh", action="store_true", help="ignore cached results")
+    p_doctor.set_defaults(func=cmd_doctor)
     sub.add_parser("serve", help="start the server (python -m mloffload.server --help)",
                    add_help=False)
-    for p in (p_models, p_plan):
+    for p in (p_models, p_plan, p_doctor):
         p.add_argument("--config", help="TOML settings file (as for the server)")
         p.add_argument("--models-dir", help="folders to scan (as for the server)")
         p.add_argument("--data-dir", help="data folder (as for the server)")

@@ -13,7 +13,7 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ENV_PREFIX = "ML_OFFLOAD_"
 
@@ -122,6 +122,7 @@ class Option:
     help: str
     metavar: str = "VALUE"
     flag_only: bool = False  # a CLI switch with no environment variable (e.g. --config)
+    shown_default: str | None = None  # what --help says when the default is computed
 
     @property
     def env(self) -> str:
@@ -132,103 +133,92 @@ class Option:
         return "--" + self.name.replace("_", "-")
 
 
-OPTIONS: tuple[Option, ...] = (
-    Option("host", "127.0.0.1", str, "address to bind; loopback unless you set an API key", "ADDR"),
-    Option("port", 9000, parse_int, "TCP port of the API", "PORT"),
-    Option("data_dir", None, lambda v: Path(v).expanduser(),
-           "where the registry database and the embedded default model live "
-           "(default $XDG_DATA_HOME/ml-offload)", "DIR"),
-    Option("models_dir", [], parse_paths,
-           "one or more folders scanned for .gguf files (comma or colon separated)", "DIRS"),
-    Option("default_model", "", str,
-           "registry id, alias or .gguf path answered for model 'default' "
-           "(default: the embedded Gemma 3 270M)", "MODEL"),
-    Option("n_ctx", 4096, parse_int, "context length per loaded model, in tokens", "N"),
-    Option("default_max_tokens", 512, parse_int,
-           "tokens generated when a chat request sets no max_tokens (0: up to the context)",
-           "N"),
-    Option("max_tokens", 0, parse_int,
-           "most tokens any request may generate (0: whatever context is left)", "N"),
-    Option("threads", 0, parse_int,
-           "CPU threads for llama.cpp (0: half the logical CPUs, at least 1)", "N"),
-    Option("n_gpu_layers", None, parse_gpu_layers,
-           "layers to offload to the GPU: auto (fit free VRAM), -1 (all) or a number", "auto|N"),
-    Option("vram_margin", 512 * 1024**2, parse_size,
-           "VRAM kept free by the offload planner", "SIZE"),
-    Option("gpu", 0, parse_int, "index of the GPU to plan and offload for", "INDEX"),
-    Option("max_loaded", 1, parse_int,
-           "models kept loaded at once; loading another swaps out the least recently used", "N"),
-    Option("keep_alive", 300.0, parse_duration,
-           "unload a model after this long idle (5m, 1h, seconds; negative: never)", "DURATION"),
-    Option("load_timeout", 300.0, parse_duration,
-           "how long a request waits for its model to load", "DURATION"),
-    Option("max_queue", 64, parse_int,
-           "requests allowed to wait per model before answering 429 (with llama-server: "
-           "beyond its busy slots)", "N"),
-    Option("request_timeout", 600.0, parse_duration,
-           "longest a single request may run before it is cancelled", "DURATION"),
-    Option("max_body", 4 * 1024**2, parse_size, "largest request body accepted (413 past it)",
-           "SIZE"),
-    Option("api_key", "", str,
-           "require 'Authorization: Bearer KEY' on every endpoint but /health", "KEY"),
-    Option("api_key_file", None, lambda v: Path(v).expanduser(),
-           "read the API key from this file (keeps it out of the process list)", "FILE"),
-    Option("allow_unauthenticated", False, parse_bool,
-           "allow binding a non-loopback address without an API key", "BOOL"),
-    Option("cors_origins", [], parse_list, "origins allowed by CORS (off when empty)", "ORIGINS"),
-    Option("backend", "llamacpp", _choice("llamacpp", "llama-server"),
-           "llamacpp: in-process llama.cpp; llama-server: proxy to an external llama-server",
-           "NAME"),
-    Option("llamacpp_url", "http://127.0.0.1:8080", str,
-           "base URL of llama-server when backend is llama-server", "URL"),
-    Option("llamacpp_api_key", "", str,
-           "with backend llama-server: the key llama-server was started with (--api-key); "
-           "sent to it as 'Authorization: Bearer KEY'", "KEY"),
-    Option("llamacpp_api_key_file", None, lambda v: Path(v).expanduser(),
-           "read llamacpp_api_key from this file", "FILE"),
-    Option("llama_server_bin", None, lambda v: Path(v).expanduser(),
-           "with backend llama-server: start this llama-server binary yourself on the "
-           "llamacpp_url port, with the default model and the offload plan's -ngl, and "
-           "restart it if it dies", "PATH"),
-    Option("log_level", "info", _choice("debug", "info", "warning", "error"),
-           "log verbosity (debug also logs prompt text)", "LEVEL"),
-    Option("log_json", False, parse_bool, "log one JSON object per line", "BOOL"),
-    Option("config", None, lambda v: Path(v).expanduser(),
-           "TOML file with any of these settings (keys as in this list)", "FILE"),
-)
+T = TypeVar("T")
 
-OPTIONS_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+
+def setting(default: T, parse: Callable[[Any], Any], help: str, metavar: str = "VALUE",
+            shown: str | None = None, factory: Callable[[], T] | None = None) -> T:
+    """One setting, declared once: its ``Settings`` field and its row in ``OPTIONS``."""
+    meta = {"parse": parse, "help": help, "metavar": metavar, "shown": shown}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)  # type: ignore[no-any-return]
+    return dataclasses.field(default=default, metadata=meta)  # type: ignore[no-any-return]
+
+
+def _path(v: Any) -> Path:
+    return Path(v).expanduser()
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    host: str = "127.0.0.1"
-    port: int = 9000
-    data_dir: Path = dataclasses.field(default_factory=default_data_dir)
-    models_dir: tuple[Path, ...] = ()
-    default_model: str = ""
-    n_ctx: int = 4096
-    default_max_tokens: int = 512
-    max_tokens: int = 0
-    threads: int = 0
-    n_gpu_layers: int | None = None
-    vram_margin: int = 512 * 1024**2
-    gpu: int = 0
-    max_loaded: int = 1
-    keep_alive: float = 300.0
-    load_timeout: float = 300.0
-    max_queue: int = 64
-    request_timeout: float = 600.0
-    max_body: int = 4 * 1024**2
-    api_key: str = ""
-    allow_unauthenticated: bool = False
-    cors_origins: tuple[str, ...] = ()
-    backend: str = "llamacpp"
-    llamacpp_url: str = "http://127.0.0.1:8080"
-    llamacpp_api_key: str = ""
-    llama_server_bin: Path | None = None
-    log_level: str = "info"
-    log_json: bool = False
+    """Every server setting. Each field is a CLI flag, an ``ML_OFFLOAD_*`` variable and a TOML
+    key (see ``OPTIONS``, derived from these fields)."""
+
+    host: str = setting("127.0.0.1", str, "address to bind; loopback unless you set an API key",
+                        "ADDR")
+    port: int = setting(9000, parse_int, "TCP port of the API", "PORT")
+    data_dir: Path = setting(
+        Path(), _path, "where the registry database and the embedded default model live",
+        "DIR", shown="$XDG_DATA_HOME/ml-offload", factory=default_data_dir)
+    models_dir: tuple[Path, ...] = setting(
+        (), parse_paths, "one or more folders scanned for .gguf files (comma or colon "
+        "separated)", "DIRS")
+    default_model: str = setting(
+        "", str, "registry id, alias or .gguf path answered for model 'default' (default: the "
+        "embedded Gemma 3 270M)", "MODEL")
+    n_ctx: int = setting(4096, parse_int, "context length per loaded model, in tokens", "N")
+    default_max_tokens: int = setting(
+        512, parse_int, "tokens generated when a chat request sets no max_tokens (0: up to "
+        "the context)", "N")
+    max_tokens: int = setting(
+        0, parse_int, "most tokens any request may generate (0: whatever context is left)",
+        "N")
+    threads: int = setting(0, parse_int, "CPU threads for llama.cpp (0: half the logical "
+                           "CPUs, at least 1)", "N")
+    n_gpu_layers: int | None = setting(
+        None, parse_gpu_layers, "layers to offload to the GPU: auto (fit free VRAM), -1 (all) "
+        "or a number", "auto|N", shown="auto")
+    vram_margin: int = setting(512 * 1024**2, parse_size, "VRAM kept free by the offload "
+                               "planner", "SIZE")
+    gpu: int = setting(0, parse_int, "index of the GPU to plan and offload for", "INDEX")
+    max_loaded: int = setting(
+        1, parse_int, "models kept loaded at once; loading another swaps out the least "
+        "recently used", "N")
+    keep_alive: float = setting(
+        300.0, parse_duration, "unload a model after this long idle (5m, 1h, seconds; "
+        "negative: never)", "DURATION")
+    load_timeout: float = setting(300.0, parse_duration, "how long a request waits for its "
+                                  "model to load", "DURATION")
+    max_queue: int = setting(
+        64, parse_int, "requests allowed to wait per model before answering 429 (with "
+        "llama-server: beyond its busy slots)", "N")
+    request_timeout: float = setting(
+        600.0, parse_duration, "longest a single request may run before it is cancelled",
+        "DURATION")
+    max_body: int = setting(4 * 1024**2, parse_size, "largest request body accepted (413 "
+                            "past it)", "SIZE")
+    api_key: str = setting("", str, "require 'Authorization: Bearer KEY' on every endpoint "
+                           "but /health", "KEY")
+    allow_unauthenticated: bool = setting(
+        False, parse_bool, "allow binding a non-loopback address without an API key", "BOOL")
+    cors_origins: tuple[str, ...] = setting((), parse_list, "origins allowed by CORS (off "
+                                            "when empty)", "ORIGINS")
+    backend: str = setting(
+        "llamacpp", _choice("llamacpp", "llama-server"),
+        "llamacpp: in-process llama.cpp; llama-server: proxy to an external llama-server",
+        "NAME")
+    llamacpp_url: str = setting("http://127.0.0.1:8080", str, "base URL of llama-server "
+                                "when backend is llama-server", "URL")
+    llamacpp_api_key: str = setting(
+        "", str, "with backend llama-server: the key llama-server was started with "
+        "(--api-key); sent to it as 'Authorization: Bearer KEY'", "KEY")
+    llama_server_bin: Path | None = setting(
+        None, _path, "with backend llama-server: start this llama-server binary yourself on "
+        "the llamacpp_url port, with the default model and the offload plan's -ngl, and "
+        "restart it if it dies", "PATH")
+    log_level: str = setting("info", _choice("debug", "info", "warning", "error"),
+                             "log verbosity (debug also logs prompt text)", "LEVEL")
+    log_json: bool = setting(False, parse_bool, "log one JSON object per line", "BOOL")
 
     @property
     def effective_threads(self) -> int:
@@ -250,6 +240,33 @@ class Settings:
         return self.data_dir / "registry.sqlite3"
 
 
+# Options that are not settings themselves: files that hold a secret, and the TOML file.
+_FILE_OPTIONS = (
+    Option("api_key_file", None, _path,
+           "read the API key from this file (keeps it out of the process list)", "FILE"),
+    Option("llamacpp_api_key_file", None, _path, "read llamacpp_api_key from this file",
+           "FILE"),
+    Option("config", None, _path,
+           "TOML file with any of these settings (keys as in this list)", "FILE"),
+)
+_AFTER = {"api_key_file": "api_key", "llamacpp_api_key_file": "llamacpp_api_key",
+          "config": "log_json"}
+
+
+def _options() -> tuple[Option, ...]:
+    out: list[Option] = []
+    for f in dataclasses.fields(Settings):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        out.append(Option(f.name, default, f.metadata["parse"], f.metadata["help"],
+                          f.metadata["metavar"], shown_default=f.metadata["shown"]))
+        out.extend(o for o in _FILE_OPTIONS if _AFTER[o.name] == f.name)
+    return tuple(out)
+
+
+OPTIONS: tuple[Option, ...] = _options()
+OPTIONS_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+
+
 def build_parser(prog: str = "python -m mloffload.server") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -258,11 +275,8 @@ def build_parser(prog: str = "python -m mloffload.server") -> argparse.ArgumentP
         "(--config); the command line wins over the environment, which wins over the file.",
     )
     for opt in OPTIONS:
-        default = opt.default if opt.default not in (None, [], "") else "none"
-        if opt.name == "n_gpu_layers":
-            default = "auto"
-        if opt.name == "data_dir":
-            default = "$XDG_DATA_HOME/ml-offload"
+        default = opt.shown_default or (
+            opt.default if opt.default not in (None, [], (), "") else "none")
         parser.add_argument(
             opt.flag,
             dest=opt.name,

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ..gguf_info import GGUFInfo
+from ..models.gguf_info import GGUFInfo
 from .base import (
     FINISH_CANCELLED,
     FINISH_LENGTH,
@@ -31,6 +31,7 @@ from .base import (
     GenerationResult,
     SamplingParams,
 )
+from .build import pinned
 from .chat_format import ChatFormatError, ChatFormatter
 from .stops import StopMatcher
 
@@ -75,7 +76,7 @@ def import_llama_cpp() -> Any:
     except Exception as exc:  # ImportError, or OSError from a broken shared library
         raise LlamaCppUnavailable(
             "llama-cpp-python is not importable in this Python "
-            f"({exc}); install it with: pip install llama-cpp-python==0.3.36"
+            f"({exc}); install it with: pip install {pinned('llama-cpp-python')}"
         ) from exc
     _route_llama_logs(llama_cpp)
     return llama_cpp
@@ -247,6 +248,13 @@ class LlamaCppEngine:
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         seed = params.seed if params.seed is not None else random.getrandbits(31)
         llm.set_seed(seed)
+        if params.seed is not None:
+            # A seed promises the same answer for the same request. Reusing the cached
+            # prefix of an earlier prompt would evaluate only the rest, in a batch of
+            # another shape, and on some CPUs (AVX-512 kernels) that changes the logits
+            # in their last bits: enough to sample another token at temperature 1. A
+            # seeded request therefore evaluates its whole prompt afresh.
+            llm.reset()
         if budget == 0:
             result.finish_reason = FINISH_LENGTH
             return

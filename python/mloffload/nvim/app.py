@@ -16,10 +16,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..client import ClientError, ServerUnreachable
 from ..engine.base import EngineError
 from .bridge import Bridge
 from .chat import FLOAT, ChatSession, turn_lines, user_message
+from .client import ClientError, ServerUnreachable
 from .options import OptionsError, PluginOptions
 from .routing import FALLBACK_LABEL, Router
 from .views import MODELS_HEADER, models_lines, status_lines
@@ -39,7 +39,7 @@ def range_given(ev: Mapping[str, Any] | None) -> bool:
 
 def user_error(exc: BaseException) -> str:
     """A message for the user: ours say what to do; anything else names itself and the log."""
-    from ..fallback import FallbackUnavailable
+    from .fallback import FallbackUnavailable
 
     if isinstance(exc, ClientError | FallbackUnavailable | EngineError | OptionsError):
         return str(exc)
@@ -171,7 +171,7 @@ class App:
                 health = client.probe()
             except ServerUnreachable as exc:
                 note["backend"] = None
-                from ..gpu import GPUProbe
+                from ..hardware.gpu import GPUProbe
 
                 vram = GPUProbe().snapshot().to_dict()
                 fb = self._fallback_facts(opts) if opts.fallback else None

@@ -14,9 +14,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from ..client import ServerUnreachable
 from ..engine.base import FINISH_CANCELLED, GenerationResult
 from .bridge import Bridge
+from .client import ServerUnreachable
 from .options import PluginOptions
 from .routing import Route, Router
 

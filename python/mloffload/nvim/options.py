@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..client import DEFAULT_API_URL
 from ..config import ConfigError, parse_duration
+from .client import DEFAULT_API_URL
 
 DEFAULT_PARAMS: dict[str, Any] = {"temperature": 0.7, "max_tokens": 1024}
 CHAT_KEYS = {"followup": "<CR>", "cancel": "<C-c>", "close": "q"}

@@ -13,11 +13,11 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
-from ..client import Client, ClientError, ServerUnreachable
+from .client import Client, ClientError, ServerUnreachable
 from .options import PluginOptions
 
 if TYPE_CHECKING:
-    from ..fallback import Fallback
+    from .fallback import Fallback
 
 log = logging.getLogger("mloffload.nvim")
 
@@ -62,7 +62,7 @@ class Router:
             return self._client
 
     def fallback(self, opts: PluginOptions) -> Fallback:
-        from ..fallback import Fallback
+        from .fallback import Fallback
 
         key = (opts.fallback_model, opts.fallback_keep_alive, opts.data_dir)
         with self._lock:
@@ -90,7 +90,7 @@ class Router:
         """The server cannot be reached: the in-process route, or a clear error."""
         if not opts.fallback:
             raise RouteError(f"{exc} (the in-process fallback is off: fallback = false)")
-        from ..fallback import FallbackUnavailable
+        from .fallback import FallbackUnavailable
 
         try:
             self.fallback(opts).check_installed()

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 import uvicorn
 
-from ..catalog import CatalogError
 from ..config import ConfigError, Settings, load_settings
 from ..logs import setup_logging
+from ..models.catalog import CatalogError
 
 log = logging.getLogger("mloffload.server")
 
@@ -36,6 +36,24 @@ def check_bind(settings: Settings) -> None:
     )
 
 
+def engine_refusal(settings: Settings) -> str:
+    """Why the engine this server would run cannot run here ("" when it can).
+
+    The smoke test (one token, one embedding, in a child process; cached per build) runs
+    before anything is served: an engine that dies with an illegal instruction on the first
+    chat must stop the start-up with one clear line instead.
+    """
+    if settings.backend != "llamacpp":
+        return ""
+    from ..engine import doctor
+
+    try:
+        check = doctor.check_inprocess(doctor.smoke_model(settings.data_dir))
+    except CatalogError as exc:
+        return str(exc)
+    return "" if check.ok else check.line
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(sys.argv[1:] if argv is None else argv)
@@ -44,7 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ml-offload: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.log_json)
-    from ..catalog import open_registry
+    refusal = engine_refusal(settings)
+    if refusal:
+        print(f"ml-offload: {refusal}", file=sys.stderr)
+        return 2  # like a configuration error: restarting would not help
+    from ..models.catalog import open_registry
     from .app import create_app
 
     try:

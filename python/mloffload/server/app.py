@@ -12,13 +12,14 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from .. import __version__
-from ..catalog import open_registry
 from ..config import Settings
-from ..gpu import GPUProbe
-from ..registry import Registry
+from ..hardware.gpu import GPUProbe
+from ..models.catalog import open_registry
+from ..models.registry import Registry
 from .backend import Backend
 from .errors import APIError, error_response, install_error_handlers
 from .guard import Guard
+from .manager import Runtime
 from .routes import router
 from .stats import Stats
 
@@ -39,27 +40,34 @@ class OpenAICORSMiddleware(CORSMiddleware):
         return out
 
 
-def make_backend(settings: Settings, registry: Registry, gpu: GPUProbe, stats: Stats) -> Backend:
-    if settings.backend == "llama-server":
-        from .upstream import UpstreamBackend
+def make_backend(settings: Settings, registry: Registry, gpu: GPUProbe, stats: Stats,
+                 runtime: Runtime | None = None) -> Backend:
+    """The backend ``settings`` names. ``runtime`` replaces how models run (tests give an
+    engine of their own; the lifecycle, queue and routes stay the real ones)."""
+    if settings.backend == "llama-server" and runtime is None:
+        from .upstream.backend import UpstreamBackend
 
         upstream: Backend = UpstreamBackend(settings, registry, stats, gpu)
         return upstream
-    from .local import LocalBackend
+    from .local.backend import LocalBackend
+    from .local.runtime import LocalRuntime
     from .manager import ModelManager
 
-    return LocalBackend(settings, ModelManager(settings, registry, gpu, stats), stats)
+    runtime = runtime or LocalRuntime(settings, gpu)
+    return LocalBackend(settings, ModelManager(settings, registry, gpu, stats, runtime), stats)
 
 
-def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
-    """Build the app. ``registry`` may be passed in (tests, or a caller that already scanned)."""
+def create_app(settings: Settings, registry: Registry | None = None,
+               runtime: Runtime | None = None) -> FastAPI:
+    """Build the app. ``registry`` may be passed in (tests, or a caller that already scanned);
+    ``runtime`` too (see make_backend)."""
     gpu = GPUProbe()
     stats = Stats(gpu.snapshot)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         reg = registry if registry is not None else open_registry(settings)
-        backend = make_backend(settings, reg, gpu, stats)
+        backend = make_backend(settings, reg, gpu, stats, runtime)
         app.state.settings = settings
         app.state.registry = reg
         app.state.gpu = gpu

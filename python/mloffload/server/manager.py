@@ -1,46 +1,140 @@
-"""Model lifecycle: load on demand, one worker thread per model, FIFO queue, keep-alive, LRU swap.
+"""Model lifecycle: load on demand, slots and a FIFO queue per model, keep-alive, LRU swap.
 
-Everything here runs on the event loop thread except the engine itself, which lives in its
-model's single worker thread. State changes happen between awaits, so no locks are needed
-beyond each model's FIFO gate.
+The manager does not know how a model runs. A ``Runtime`` opens a loaded model as a
+``Runner``: llama.cpp in this process (one slot, its own worker thread) or a llama-server
+child process (``--parallel`` slots, see ``server/engines``). Everything here runs on the
+event loop; state changes happen between awaits, so no locks are needed.
+
+A runner that dies (an engine process killed by a signal, say) is dropped at once: the
+requests on it fail on their own, and the next request for the model loads it again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
+import math
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 from ..config import Settings, parse_duration
 from ..engine.base import EngineError
-from ..engine.llamacpp import LlamaCppEngine, LoadOptions, engine_facts
-from ..gpu import GPUProbe
-from ..planner import OffloadPlan, plan_for_settings, plan_offload
-from ..registry import ModelEntry, Registry
+from ..hardware.gpu import GPUProbe
+from ..hardware.planner import OffloadPlan
+from ..models.registry import ModelEntry, Registry
 from .errors import APIError, model_not_found
 from .stats import Stats
 
 log = logging.getLogger("mloffload.manager")
 
 
+class Runner(Protocol):
+    """One loaded model, however it runs."""
+
+    slots: int  # requests it decodes at once
+
+    def describe(self) -> dict[str, Any]:
+        """Its part of the model's `/status` entry (engine facts, process, memory)."""
+        ...
+
+    async def close(self) -> None:
+        """Free everything it holds; for a process, the process has exited on return."""
+        ...
+
+
+class Runtime(Protocol):
+    name: str
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        """What the engine can do (`/api/backend/info` → engine)."""
+        ...
+
+    def plan(self, entry: ModelEntry) -> OffloadPlan: ...
+
+    async def open(self, entry: ModelEntry, plan: OffloadPlan,
+                   on_exit: Callable[[str], None]) -> tuple[Runner, OffloadPlan]:
+        """Load the model; returns it and the plan it really runs with (a load may have
+        been retried with fewer GPU layers). Raises EngineError with the reason when it
+        cannot. ``on_exit`` is called (on the loop) if the runner later dies by itself."""
+        ...
+
+
+class SlotGate:
+    """A FIFO semaphore: ``slots`` holders at once, the rest wait in arrival order."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = max(1, slots)
+        self.busy = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def locked(self) -> bool:
+        return self.busy >= self.slots
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for w in self._waiters if not w.done())
+
+    def ahead_of(self, fut: asyncio.Future[None]) -> int:
+        """How many wait in front of ``fut`` (the position a queued client is shown)."""
+        n = 0
+        for w in self._waiters:
+            if w is fut:
+                return n
+            if not w.done():
+                n += 1
+        return n
+
+    async def acquire(self, on_wait: Callable[[asyncio.Future[None]], None] | None = None
+                      ) -> None:
+        if self.busy < self.slots and not self.waiting:
+            self.busy += 1
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        if on_wait is not None:
+            on_wait(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # granted just as it was cancelled: pass the slot on
+            else:
+                self._discard(fut)
+            raise
+
+    def _discard(self, fut: asyncio.Future[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(fut)
+
+    def release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the slot goes straight to the next in line
+                return
+        self.busy = max(0, self.busy - 1)
+
+
 class LoadedModel:
-    def __init__(self, entry: ModelEntry, engine: LlamaCppEngine, plan: OffloadPlan,
-                 executor: ThreadPoolExecutor, keep_alive: float) -> None:
+    def __init__(self, entry: ModelEntry, runner: Runner, plan: OffloadPlan,
+                 keep_alive: float, load_seconds: float) -> None:
         self.entry = entry
-        self.engine = engine
+        self.runner = runner
         self.plan = plan
-        self.executor = executor
-        self.gate = asyncio.Lock()  # FIFO: asyncio wakes waiters in arrival order
+        self.gate = SlotGate(runner.slots)
         self.loaded_at = time.time()
         self.last_used = time.time()
         self.keep_alive = keep_alive
+        self.load_seconds = load_seconds
         self.unload_at: float | None = None
         self.unload_handle: asyncio.TimerHandle | None = None
         self.job_seconds = 1.0  # moving average, for Retry-After
+        self.dead = False
 
     @property
     def id(self) -> str:
@@ -48,31 +142,33 @@ class LoadedModel:
 
     def status(self) -> dict[str, Any]:
         left = None if self.unload_at is None else max(0.0, self.unload_at - time.time())
-        info = self.engine.info()
-        return {
+        out: dict[str, Any] = {
             "id": self.id,
             "path": self.entry.path,
             "n_gpu_layers": self.plan.n_gpu_layers,
             "max_layers": self.plan.max_layers,
             "plan": self.plan.to_dict(),
             "memory": {
-                "model_bytes": info["model_bytes"],
+                "model_bytes": self.entry.size,
                 "gpu_bytes_planned": self.plan.gpu_bytes,
                 "cpu_bytes_planned": self.plan.cpu_bytes,
             },
-            "n_ctx": info["n_ctx"],
-            "chat_format": info["chat_format"],
-            "busy": self.gate.locked(),
+            "n_ctx": self.plan.n_ctx,
+            "slots": {"total": self.gate.slots, "busy": self.gate.busy,
+                      "free": self.gate.slots - self.gate.busy, "waiting": self.gate.waiting},
+            "busy": self.gate.busy > 0,
             "loaded_at": self.loaded_at,
             "last_used": self.last_used,
-            "load_seconds": info["load_seconds"],
+            "load_seconds": round(self.load_seconds, 3),
             "keep_alive_seconds": self.keep_alive,
             "keep_alive_left_seconds": None if left is None else round(left, 1),
         }
+        out.update(self.runner.describe())
+        return out
 
 
 class Lease:
-    """A request's turn on a model: held from the front of the queue until its job ends."""
+    """A request's slot on a model: held from the front of the queue until its job ends."""
 
     def __init__(self, manager: ModelManager, model: LoadedModel, keep_alive: float | None):
         self.manager = manager
@@ -92,37 +188,47 @@ class Lease:
 
 
 def parse_keep_alive(value: str | float | None) -> float | None:
+    """A request's keep_alive: a finite number of seconds or a duration string."""
     if value is None:
         return None
     try:
-        return parse_duration(value)
+        seconds = parse_duration(value)
     except ValueError as exc:
         raise APIError(400, f"Invalid value for 'keep_alive': {exc}", param="keep_alive",
                        code="invalid_value") from None
+    if not math.isfinite(seconds):
+        raise APIError(400, "Invalid value for 'keep_alive': it must be a finite duration "
+                       "(e.g. 30s, 5m, 0 or -1)", param="keep_alive", code="invalid_value")
+    return seconds
+
+
+OnWait = Callable[[int], None]  # told how many wait ahead, while a request is queued
 
 
 class ModelManager:
-    def __init__(self, settings: Settings, registry: Registry, gpu: GPUProbe, stats: Stats):
+    def __init__(self, settings: Settings, registry: Registry, gpu: GPUProbe, stats: Stats,
+                 runtime: Runtime) -> None:
         self.settings = settings
         self.registry = registry
         self.gpu = gpu
         self.stats = stats
+        self.runtime = runtime
         self.loaded: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
         self._loading: dict[str, asyncio.Task[LoadedModel]] = {}
         self._demand: dict[str, int] = {}  # requests admitted per model id, waiting or running
         self._changed = asyncio.Event()
-        self._facts: dict[str, Any] | None = None
         self.last_load_error: str | None = None
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.crashes: dict[str, int] = {}  # per model: runners that died by themselves
+        self.restarts: dict[str, int] = {}  # per model: loads after such a death
+        self._crashed: set[str] = set()  # died; the next load counts as a restart
 
     # --- facts ------------------------------------------------------------------------
 
     @property
     def facts(self) -> dict[str, Any]:
-        if self._facts is None:
-            self._facts = engine_facts()
-        return self._facts
+        return self.runtime.facts
 
     def loading(self) -> list[str]:
         return list(self._loading)
@@ -137,23 +243,30 @@ class ModelManager:
         return entry
 
     def plan(self, entry: ModelEntry) -> OffloadPlan:
-        assert entry.info is not None
-        return plan_for_settings(entry.info, self.settings, self.gpu.snapshot(),
-                                 bool(self.facts.get("supports_gpu_offload")))
+        return self.runtime.plan(entry)
 
     # --- admission ----------------------------------------------------------------------
 
-    async def acquire(self, name: str, keep_alive: float | None = None) -> Lease:
-        """Wait for this request's turn on the model, loading it first if needed."""
+    async def acquire(self, name: str, keep_alive: float | None = None,
+                      on_wait: OnWait | None = None) -> Lease:
+        """Wait for this request's slot on the model, loading it first if needed.
+
+        Past the busy slots, ``max_queue`` requests may wait; one more is refused with 429.
+        ``on_wait`` hears how many wait ahead whenever the request has to wait.
+        """
         entry = self.resolve(name)
         mid = entry.id
-        running = 1 if (m := self.loaded.get(mid)) is not None and m.gate.locked() else 0
+        m = self.loaded.get(mid)
+        slots = m.gate.slots if m is not None else 1
+        running = m.gate.busy if m is not None else 0
         waiting = self._demand.get(mid, 0) - running
         if waiting >= self.settings.max_queue and (running or waiting):
-            retry = max(1, round((waiting + 1) * (m.job_seconds if m else 1.0)))
+            per_slot = (m.job_seconds if m else 1.0) / slots
+            retry = max(1, round((waiting + 1) * per_slot))
             raise APIError(
                 429,
-                f"The queue for model {mid!r} is full ({waiting} waiting); retry later.",
+                f"The queue for model {mid!r} is full ({running} running, {waiting} waiting, "
+                f"max_queue {self.settings.max_queue}); retry later.",
                 code="rate_limit_exceeded", headers={"Retry-After": str(retry)},
             )
         self._demand[mid] = self._demand.get(mid, 0) + 1
@@ -162,15 +275,29 @@ class ModelManager:
         try:
             model = await self._ensure_loaded(entry)
             self._cancel_unload(model)
-            await model.gate.acquire()
+            gate = model.gate
+            await gate.acquire(
+                None if on_wait is None else lambda fut: self._tell_position(gate, fut, on_wait))
             granted = True
-            self.loaded.move_to_end(mid)
+            if mid in self.loaded:
+                self.loaded.move_to_end(mid)
             model.last_used = time.time()
             return Lease(self, model, keep_alive)
         finally:
             self.stats.dequeue()
             if not granted:
                 self._drop_demand(mid)
+
+    def _tell_position(self, gate: SlotGate, fut: asyncio.Future[None], on_wait: OnWait
+                       ) -> None:
+        """Tell a queued request its place now and every second until it is served."""
+        def tick() -> None:
+            if fut.done():
+                return
+            on_wait(gate.ahead_of(fut))
+            asyncio.get_running_loop().call_later(1.0, tick)
+
+        tick()
 
     def _drop_demand(self, mid: str) -> None:
         self._demand[mid] -= 1
@@ -197,17 +324,16 @@ class ModelManager:
 
     def _schedule_unload(self, model: LoadedModel) -> None:
         self._cancel_unload(model)
-        if self._closed or self._demand.get(model.id):
+        if self._closed or self._demand.get(model.id) or model.dead:
             return
         ttl = model.keep_alive
         if ttl < 0:
             return
-        loop = asyncio.get_running_loop()
         if ttl == 0:
             self._spawn(self.unload(model.id, reason="keep_alive 0"))
             return
         model.unload_at = time.time() + ttl
-        model.unload_handle = loop.call_later(
+        model.unload_handle = asyncio.get_running_loop().call_later(
             ttl, lambda: self._spawn(self.unload(model.id, reason="idle"))
         )
 
@@ -247,21 +373,15 @@ class ModelManager:
             log.info("offload plan for %s: %d/%d layers on GPU (%s)", entry.id,
                      plan.n_gpu_layers, plan.max_layers, plan.reason)
             started = time.monotonic()
-            try:
-                engine = await asyncio.to_thread(self._open_engine, entry, plan.n_gpu_layers)
-            except EngineError as first:
-                if plan.n_gpu_layers <= 0:
-                    raise
-                fewer = plan.n_gpu_layers // 2
-                log.warning("load of %s with %d GPU layers failed (%s); retrying with %d",
-                            entry.id, plan.n_gpu_layers, first, fewer)
-                assert entry.info is not None
-                plan = plan_offload(entry.info, n_ctx=plan.n_ctx, free_vram=plan.free_vram_bytes,
-                                    margin=plan.margin_bytes, requested=fewer)
-                engine = await asyncio.to_thread(self._open_engine, entry, fewer)
-            self.stats.load_seconds.observe(time.monotonic() - started)
-            executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{entry.id}")
-            model = LoadedModel(entry, engine, plan, executor, self.settings.keep_alive)
+            runner, plan = await self.runtime.open(
+                entry, plan, lambda why: self._on_runner_exit(entry.id, why))
+            seconds = time.monotonic() - started
+            self.stats.load_seconds.observe(seconds)
+            model = LoadedModel(entry, runner, plan, self.settings.keep_alive, seconds)
+            if entry.id in self._crashed:
+                self._crashed.discard(entry.id)
+                self.restarts[entry.id] = self.restarts.get(entry.id, 0) + 1
+                self.stats.engine_restarts.labels(entry.id).inc()
             self.loaded[entry.id] = model
             self.stats.loaded.set(len(self.loaded))
             self.last_load_error = None
@@ -275,20 +395,27 @@ class ModelManager:
         finally:
             self._loading.pop(entry.id, None)
 
-    def _open_engine(self, entry: ModelEntry, n_gpu_layers: int) -> LlamaCppEngine:
-        assert entry.info is not None
-        return LlamaCppEngine(entry.id, entry.info, LoadOptions(
-            n_ctx=self.settings.n_ctx,
-            n_threads=self.settings.effective_threads,
-            n_gpu_layers=n_gpu_layers,
-            main_gpu=self.settings.gpu,
-        ))
+    def _on_runner_exit(self, mid: str, why: str) -> None:
+        """A runner died by itself: forget it now; its requests fail on their own."""
+        model = self.loaded.get(mid)
+        if model is None or model.dead:
+            return
+        model.dead = True
+        del self.loaded[mid]
+        self._cancel_unload(model)
+        self.stats.loaded.set(len(self.loaded))
+        self.crashes[mid] = self.crashes.get(mid, 0) + 1
+        self.stats.engine_crashes.labels(mid).inc()
+        self._crashed.add(mid)
+        log.error("the engine of %s died: %s", mid, why)
+        self._spawn(model.runner.close())
+        self._changed.set()
 
     async def _make_room(self, wanted: str) -> None:
         deadline = time.monotonic() + self.settings.load_timeout
         while len(self.loaded) >= self.settings.max_loaded:
             idle = [m for m in self.loaded.values()
-                    if not self._demand.get(m.id) and not m.gate.locked() and m.id != wanted]
+                    if not self._demand.get(m.id) and m.gate.busy == 0 and m.id != wanted]
             if idle:
                 await self.unload(idle[0].id, reason=f"swapped out for {wanted}")
                 continue
@@ -305,14 +432,13 @@ class ModelManager:
 
     async def unload(self, mid: str, reason: str = "requested") -> bool:
         model = self.loaded.get(mid)
-        if model is None or self._demand.get(mid) or model.gate.locked():
+        if model is None or self._demand.get(mid) or model.gate.busy:
             return False
         del self.loaded[mid]
         self._cancel_unload(model)
         self.stats.loaded.set(len(self.loaded))
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(model.executor, model.engine.close)
-        model.executor.shutdown(wait=False)
+        model.dead = True
+        await model.runner.close()
         log.info("unloaded %s (%s)", mid, reason)
         self._changed.set()
         return True
@@ -323,12 +449,17 @@ class ModelManager:
             task.cancel()
         for model in list(self.loaded.values()):
             self._cancel_unload(model)
-            try:
-                await asyncio.get_running_loop().run_in_executor(model.executor,
-                                                                  model.engine.close)
-            finally:
-                model.executor.shutdown(wait=False)
+            model.dead = True
+            await model.runner.close()
         self.loaded.clear()
+        for task in list(self._tasks):
+            task.cancel()
 
     def status(self) -> list[dict[str, Any]]:
         return [m.status() for m in self.loaded.values()]
+
+    def engine_counts(self) -> dict[str, dict[str, int]]:
+        """Crashes and restarts per model, for `/status`."""
+        ids = sorted(set(self.crashes) | set(self.restarts))
+        return {i: {"crashes": self.crashes.get(i, 0), "restarts": self.restarts.get(i, 0)}
+                for i in ids}

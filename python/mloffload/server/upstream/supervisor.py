@@ -18,10 +18,10 @@ import time
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from .config import ConfigError, Settings
-from .gpu import GPUProbe
-from .planner import OffloadPlan, plan_for_settings
-from .registry import ModelEntry, Registry
+from ...config import ConfigError, Settings
+from ...hardware.gpu import GPUProbe
+from ...hardware.planner import OffloadPlan, plan_for_settings
+from ...models.registry import ModelEntry, Registry
 
 log = logging.getLogger("mloffload.llama_server")
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from .engine.base import FINISH_CANCELLED, GenerationResult
+from ..engine.base import FINISH_CANCELLED, GenerationResult
 
 DEFAULT_API_URL = "http://127.0.0.1:9000"
 START_HINT = "start it with: python -m mloffload.server"

@@ -35,17 +35,17 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from .. import __version__
-from ..config import Settings
-from ..gpu import GPUProbe
-from ..llama_server import LlamaServerSupervisor
-from ..registry import DEFAULT_ALIAS, ModelEntry, Registry
-from .backend import ClientGone, unless_disconnected
-from .errors import APIError, error_body, model_not_found
+from ... import __version__
+from ...config import Settings
+from ...hardware.gpu import GPUProbe
+from ...models.registry import DEFAULT_ALIAS, ModelEntry, Registry
+from ..backend import ClientGone, unless_disconnected
+from ..errors import APIError, error_body, model_not_found
+from ..schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from ..sse import DONE, event
+from ..stats import Stats
 from .http1 import HTTP1Transport
-from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from .sse import DONE, event
-from .stats import Stats
+from .supervisor import LlamaServerSupervisor
 
 log = logging.getLogger("mloffload.server")
 

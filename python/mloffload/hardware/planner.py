@@ -13,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from .gguf_info import GGUFInfo
+from ..models.gguf_info import GGUFInfo
 
 if TYPE_CHECKING:
-    from .config import Settings
+    from ..config import Settings
     from .gpu import GPUSnapshot
 
 KV_BYTES_F16 = 2
