@@ -120,11 +120,15 @@ in
     };
 
     backend = mkOption {
-      type = types.enum [ "llamacpp" "llama-server" ];
-      default = "llamacpp";
+      type = types.enum [ "auto" "managed" "llamacpp" "llama-server" ];
+      default = "auto";
       description = ''
-        `llamacpp` runs llama.cpp inside the service; `llama-server` proxies to an external
-        llama-server at `llamacppUrl` and orders the service after `llamacppService`.
+        `managed` runs each model in its own llama-server process (started, supervised and
+        stopped by the service); `llamacpp` runs llama.cpp inside the service;
+        `llama-server` proxies to an external llama-server at `llamacppUrl` and orders the
+        service after `llamacppService`; `auto` is `managed` when a llama-server binary is
+        at hand (`extraEnvironment.ML_OFFLOAD_LLAMA_SERVER_BIN`, or one on the service's
+        PATH), else `llamacpp`.
       '';
     };
 

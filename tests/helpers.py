@@ -45,8 +45,10 @@ class ServerProcess:
         self.log_path = data_dir / f"server-{self.port}.log"
         data_dir.mkdir(parents=True, exist_ok=True)
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("ML_OFFLOAD_")}
+        # In-process llama.cpp unless a test names another backend (managed mode, the
+        # default where a llama-server binary exists, has tests of its own).
         full_env.update({"ML_OFFLOAD_DATA_DIR": str(data_dir), "ML_OFFLOAD_PORT": str(self.port),
-                         "PYTHONUNBUFFERED": "1"})
+                         "ML_OFFLOAD_BACKEND": "llamacpp", "PYTHONUNBUFFERED": "1"})
         full_env.update(env or {})
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(

@@ -73,6 +73,20 @@ class ModelEntry:
         }
 
 
+    def card(self, *, loaded: bool, owned_by: str = "ml-offload", **extra: Any
+             ) -> dict[str, Any]:
+        """This model as a `/v1/models` entry (the server, the proxy and the fallback)."""
+        return model_card(self.id, int(self.mtime), owned_by,
+                          {**self.summary(), "loaded": loaded, **extra})
+
+
+def model_card(model_id: str, created: int, owned_by: str, meta: dict[str, Any]
+               ) -> dict[str, Any]:
+    """An OpenAI model object, with our details in ``meta``."""
+    return {"id": model_id, "object": "model", "created": created, "owned_by": owned_by,
+            "meta": meta}
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")
 

@@ -43,7 +43,7 @@ def engine_refusal(settings: Settings) -> str:
     before anything is served: an engine that dies with an illegal instruction on the first
     chat must stop the start-up with one clear line instead.
     """
-    if settings.backend != "llamacpp":
+    if settings.backend not in ("llamacpp", "auto"):
         return ""
     from ..engine import doctor
 

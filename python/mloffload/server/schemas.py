@@ -6,7 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..engine.base import SamplingParams
+from ..config import Settings
+from ..engine.base import SamplingParams, sampling_from
 
 MAX_MESSAGES = 2048
 MAX_STOP = 16
@@ -68,20 +69,9 @@ class _Sampling(_Lenient):
             raise ValueError(f"a stop string may have at most {MAX_STOP_LEN} characters")
         return v
 
-    def sampling(self, max_tokens: int | None = None) -> SamplingParams:
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return SamplingParams(
-            max_tokens=self.max_tokens if self.max_tokens is not None else max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            repeat_penalty=self.repeat_penalty,
-            stop=stop,
-            seed=None if self.seed is None else self.seed % (2**32 - 1),
-        )
+    def sampling(self, settings: Settings | None = None) -> SamplingParams:
+        """This request's sampling, with the server's max_tokens default and cap."""
+        return sampling_from(self.model_dump(), settings.token_limit if settings else None)
 
     @property
     def include_usage(self) -> bool:
@@ -91,9 +81,6 @@ class _Sampling(_Lenient):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
-
-    def sampling(self, max_tokens: int | None = None) -> SamplingParams:
-        return super().sampling(self.max_completion_tokens or max_tokens)
 
     def message_dicts(self) -> list[dict[str, Any]]:
         return [m.model_dump(exclude_none=True) for m in self.messages]
