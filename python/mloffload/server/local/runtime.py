@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ...config import Settings
-from ...engine.base import EngineError
-from ...engine.llamacpp import LlamaCppEngine, LlamaCppUnavailable, engine_facts
+from ...engine.base import Engine, EngineError
+from ...engine.llamacpp import LlamaCppUnavailable, engine_facts
 from ...engine.loader import open_model
 from ...hardware.gpu import GPUProbe
 from ...hardware.planner import OffloadPlan, plan_for_settings
@@ -23,7 +23,7 @@ from ...models.registry import ModelEntry
 class LocalRunner:
     slots = 1
 
-    def __init__(self, engine: LlamaCppEngine, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, engine: Engine, executor: ThreadPoolExecutor) -> None:
         self.engine = engine
         self.executor = executor
 
