@@ -60,10 +60,20 @@ def test_api_key_file(tmp_path: Path) -> None:
     {"ML_OFFLOAD_PORT": "http"}, {"ML_OFFLOAD_PORT": "70000"},
     {"ML_OFFLOAD_N_GPU_LAYERS": "lots"}, {"ML_OFFLOAD_KEEP_ALIVE": "a while"},
     {"ML_OFFLOAD_BACKEND": "ollama"}, {"ML_OFFLOAD_CONFIG": "/nonexistent.toml"},
+    {"ML_OFFLOAD_KEEP_ALIVE": "nan"}, {"ML_OFFLOAD_KEEP_ALIVE": "inf"},
+    {"ML_OFFLOAD_REQUEST_TIMEOUT": "nan"}, {"ML_OFFLOAD_LOAD_TIMEOUT": "1e999"},
+    {"ML_OFFLOAD_REQUEST_TIMEOUT": "-inf"},
 ])
 def test_bad_values_are_clear_errors(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError):
         load_settings([], environ=env)
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e999", float("nan"),
+                                   float("inf")])
+def test_durations_are_finite(value: str | float) -> None:
+    with pytest.raises(ConfigError, match="not a duration"):
+        parse_duration(value)
 
 
 def test_unknown_file_key(tmp_path: Path) -> None:

@@ -118,3 +118,32 @@ async def test_engine_failure_is_a_clear_500_and_the_app_goes_on(tmp_path: Path)
         assert (await fa.client.post(CHAT, json={"messages": USER})).status_code == 200
         counts = await fa.settle(lambda c: c["active"] == 0)
         assert (counts["failed"], counts["completed"]) == (1, 1)
+
+
+@pytest.mark.parametrize("raw", ['NaN', '"nan"', '"NaN"', 'Infinity', '-Infinity', '1e999',
+                                 '"inf"', '"-inf"', '"1e999s"'])
+async def test_keep_alive_must_be_finite(tmp_path: Path, raw: str) -> None:
+    body = '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "keep_alive": ' \
+        + raw + "}"
+    async with fast_app(tmp_path) as fa:
+        r = await fa.client.post(CHAT, content=body.encode(),
+                                 headers={"Content-Type": "application/json"})
+        assert_error(r, 400, "invalid_value", "keep_alive")
+        ok = await fa.client.post(CHAT, json={"messages": USER, "keep_alive": "1h"})
+        assert ok.status_code == 200
+        counts = await fa.settle(lambda c: c["active"] == 0)
+        assert counts["completed"] == 1 and counts["total"] == counts["completed"] + \
+            counts["failed"]
+        loaded = (await fa.client.get("/status")).json()["loaded_models"]
+        assert loaded[0]["keep_alive_seconds"] == 3600  # the idle unload is still scheduled
+        assert loaded[0]["keep_alive_left_seconds"] > 3500
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "min_p", "presence_penalty",
+                                   "frequency_penalty", "repeat_penalty"])
+async def test_sampling_numbers_must_be_finite(tmp_path: Path, field: str) -> None:
+    body = '{"messages": [{"role": "user", "content": "hi"}], "' + field + '": NaN}'
+    async with fast_app(tmp_path) as fa:
+        r = await fa.client.post(CHAT, content=body.encode(),
+                                 headers={"Content-Type": "application/json"})
+        assert_error(r, 400, "invalid_value", field)

@@ -37,6 +37,11 @@ def test_options_from_lua_defaults_and_conversions() -> None:
     assert opts.embed_register == "" and opts.params == {"temperature": 0}
     with pytest.raises(OptionsError, match="fallback_keep_alive"):
         PluginOptions.from_lua({"fallback_keep_alive": "soon"}, environ={})
+    for bad in ("nan", float("inf")):
+        with pytest.raises(OptionsError, match="fallback_keep_alive"):
+            PluginOptions.from_lua({"fallback_keep_alive": bad}, environ={})
+        with pytest.raises(OptionsError, match="timeout"):
+            PluginOptions.from_lua({"timeout": bad}, environ={})
 
 
 def test_range_detection_covers_the_bootstrap_call() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -44,7 +45,18 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_duration(text: str | float | int) -> float:
-    """Parse ``5m``, ``1h30m``, ``90s``, ``-1`` or a number of seconds. Negative means never."""
+    """Parse ``5m``, ``1h30m``, ``90s``, ``-1`` or a number of seconds. Negative means never.
+
+    Only finite values: ``nan`` or ``inf`` would reach ``loop.call_later`` and break the
+    timers that unload models and end requests."""
+    seconds = _duration(text)
+    if not math.isfinite(seconds):
+        raise ConfigError(f"not a duration: {text!r} (a finite number of seconds, or e.g. "
+                          "30s, 5m, 1h)")
+    return seconds
+
+
+def _duration(text: str | float | int) -> float:
     if isinstance(text, int | float):
         return float(text)
     s = str(text).strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,6 +49,8 @@ class PluginOptions:
         try:
             timeout_ms = float(raw.get("timeout") or 30000)
         except (TypeError, ValueError):
+            timeout_ms = math.nan
+        if not math.isfinite(timeout_ms):
             raise OptionsError(
                 f"timeout must be milliseconds, not {raw.get('timeout')!r}") from None
         try:

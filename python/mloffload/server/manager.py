@@ -15,7 +15,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
@@ -192,14 +191,10 @@ def parse_keep_alive(value: str | float | None) -> float | None:
     if value is None:
         return None
     try:
-        seconds = parse_duration(value)
+        return parse_duration(value)
     except ValueError as exc:
         raise APIError(400, f"Invalid value for 'keep_alive': {exc}", param="keep_alive",
                        code="invalid_value") from None
-    if not math.isfinite(seconds):
-        raise APIError(400, "Invalid value for 'keep_alive': it must be a finite duration "
-                       "(e.g. 30s, 5m, 0 or -1)", param="keep_alive", code="invalid_value")
-    return seconds
 
 
 OnWait = Callable[[int], None]  # told how many wait ahead, while a request is queued
