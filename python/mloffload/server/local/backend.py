@@ -24,6 +24,7 @@ from ...engine.base import (
     EngineError,
     GenerationResult,
 )
+from ...logs import log_unexpected
 from ..backend import ClientGone, Health, HealthState, access, unless_disconnected
 from ..errors import APIError, error_body
 from ..manager import Lease, ModelManager, parse_keep_alive
@@ -43,7 +44,7 @@ def engine_api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc), code="context_length_exceeded", param=exc.param)
     if isinstance(exc, EngineError):
         return APIError(500, f"Generation failed: {exc}", code="engine_error")
-    log.error("engine failure: %r", exc)
+    log_unexpected(log, "engine failure", exc)
     return APIError(500, f"Generation failed ({type(exc).__name__}); the server keeps serving.",
                     code="internal_error")
 

@@ -1,0 +1,113 @@
+"""Hardening checks that need no model: the real app in-process over the fake engine
+(tests/fakes.py). What needs real sockets or llama.cpp is in test_hardening.py."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import pytest
+
+from fakes import Script, fast_app
+from mloffload.logs import MAX_LOG_MESSAGE, setup_logging
+from test_fast_api import CHAT, USER, assert_error
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "purple-elephant-prompt"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"messages": [{"role": "user", "content": SECRET + "\ud800"}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff" + SECRET}]}]},
+     "messages[0].content[0].text"),
+    ({"messages": [{"role": "user", "content": "hi", "name": "\ud800"}]}, "messages[0].name"),
+    ({"messages": USER, "stop": ["\ud800"]}, "stop[0]"),
+    ({"messages": USER, "model": "x\ud800"}, "model"),
+])
+async def test_lone_surrogates_are_a_400_naming_the_field(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, body: dict[str, object],
+        param: str) -> None:
+    # The JSON escape \ud800 is valid JSON but not Unicode text: nothing can encode it.
+    import json
+
+    raw = json.dumps(body).encode()
+    async with fast_app(tmp_path) as fa:
+        caplog.set_level(logging.INFO)
+        r = await fa.client.post(CHAT, content=raw, headers={"Content-Type": "application/json"})
+        err = assert_error(r, 400, "invalid_value", param)
+        assert "surrogate" in err["message"]
+        assert SECRET not in r.text
+        assert (await fa.client.post(CHAT, json={"messages": USER})).status_code == 200
+    assert SECRET not in caplog.text
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/completions", {"prompt": "\ud800"}),
+    ("/v1/completions", {"prompt": ["ok", "\ud800"][1:]}),
+    ("/v1/embeddings", {"input": "\ud800"}),
+    ("/v1/embeddings", {"input": ["fine", "bad\udc00"]}),
+])
+async def test_lone_surrogates_in_prompts_and_inputs(tmp_path: Path, path: str,
+                                                     body: dict[str, object]) -> None:
+    import json
+
+    async with fast_app(tmp_path) as fa:
+        r = await fa.client.post(path, content=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+        err = assert_error(r, 400, "invalid_value")
+        assert err["param"] in ("prompt", "prompt[0]", "input", "input[1]"), err
+
+
+async def test_an_engine_failure_logs_no_request_content(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # An unexpected exception whose message carries the prompt (as UnicodeEncodeError does).
+    script = Script(fail=ValueError(f"cannot handle {SECRET * 1000}"))
+    async with fast_app(tmp_path, script) as fa:
+        caplog.set_level(logging.INFO)
+        r = await fa.client.post(CHAT, json={"messages": [{"role": "user", "content": SECRET}]})
+        assert_error(r, 500, "internal_error")
+        assert SECRET not in r.text
+    errors = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert errors, caplog.text
+    assert all(SECRET not in rec.getMessage() and rec.exc_info is None for rec in errors)
+    assert "ValueError" in errors[0].getMessage()  # the kind and the place, not the content
+
+
+def _format(message: str, *args: object, json: bool = False, **extra: object) -> str:
+    stream = io.StringIO()
+    setup_logging("info", json)
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(stream)
+    try:
+        logging.getLogger("mloffload.test").info(message, *args, extra=extra)
+    finally:
+        logging.getLogger().handlers[:] = []
+    return stream.getvalue()
+
+
+@pytest.mark.parametrize("evil", [
+    "/x\n2026-12-01T08:00:00 INFO mloffload.access: GET /admin 200",
+    "/x\r2026-12-01T08:00:00 INFO forged",
+    "/x\u2028forged", "/x\x1b[31mred", "/x\x85forged",
+])
+def test_log_lines_escape_control_characters(evil: str) -> None:
+    out = _format("%s %s %d", "GET", evil, 404)
+    assert out.count("\n") == 1 and out.endswith("\n"), out
+    assert "\r" not in out and "\x1b" not in out and "\u2028" not in out and "\x85" not in out
+    assert "forged" in out or "2026" in out or "red" in out  # escaped, not dropped
+
+
+def test_log_lines_are_bounded() -> None:
+    out = _format("prompt %s", "x" * 3_000_000)
+    assert len(out) < MAX_LOG_MESSAGE + 200
+    assert "more characters" in out
+    data = _format("access", json=True, path="/" + "y" * 100_000)
+    assert len(data) < 2 * MAX_LOG_MESSAGE
