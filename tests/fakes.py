@@ -26,8 +26,8 @@ from mloffload.config import settings_from
 from mloffload.engine.base import (
     FINISH_CANCELLED,
     FINISH_LENGTH,
+    Cancelled,
     Embeddings,
-    EngineError,
     GenerationResult,
     SamplingParams,
 )
@@ -120,7 +120,7 @@ class FakeEngine:
         vectors = []
         for i, text in enumerate(texts):
             if cancel is not None and cancel.is_set():
-                raise EngineError(f"stopped after {i} of {len(texts)} inputs")
+                raise Cancelled(f"stopped after {i} of {len(texts)} inputs")
             if i == 0:
                 self._prompt_stage(text, GenerationResult())
             time.sleep(self.script.delay)
@@ -178,6 +178,37 @@ class FastApp:
                 return counts
             await asyncio.sleep(0.01)
         raise AssertionError(f"counters never settled: {await self.counters()}")
+
+
+async def leave_after(app: Any, path: str, body: dict[str, Any], seconds: float
+                      ) -> list[dict[str, Any]]:
+    """POST ``body`` and hang up after ``seconds``: from then on ``receive`` says
+    ``http.disconnect``, as uvicorn tells an app whose client went away. Returns what the app
+    sent (nothing reaches a client that left)."""
+    import orjson
+
+    sent: list[dict[str, Any]] = []
+    delivered = False
+    deadline = time.monotonic() + seconds
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": orjson.dumps(body), "more_body": False}
+        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+             "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
+             "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "server": ("127.0.0.1", 9000), "client": ("127.0.0.1", 40000),
+             "headers": [(b"host", b"127.0.0.1:9000"), (b"content-type", b"application/json")]}
+    await app(scope, receive, send)
+    return sent
 
 
 @contextlib.asynccontextmanager

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fakes import Script, fast_app
+from fakes import Script, fast_app, leave_after
 from mloffload.logs import MAX_LOG_MESSAGE, setup_logging
 from test_fast_api import CHAT, USER, assert_error
 
@@ -111,3 +111,81 @@ def test_log_lines_are_bounded() -> None:
     assert "more characters" in out
     data = _format("access", json=True, path="/" + "y" * 100_000)
     assert len(data) < 2 * MAX_LOG_MESSAGE
+
+
+# --- abandoned and timed-out work ------------------------------------------------------
+
+EMBED_40 = {"input": [f"text {i}" for i in range(40)]}
+
+
+async def test_an_abandoned_embedding_stops_and_is_counted_once(tmp_path: Path) -> None:
+    script = Script(delay=0.05)  # 2 s for all 40 inputs
+    async with fast_app(tmp_path, script) as fa:
+        sent = await leave_after(fa.app, "/v1/embeddings", EMBED_40, 0.3)
+        assert all(m.get("status", 200) != 200 for m in sent if m["type"] ==
+                   "http.response.start")
+        counts = await fa.settle(lambda c: c["active"] == 0)
+        assert (counts["cancelled"], counts["completed"], counts["failed"]) == (1, 0, 0)
+        assert script.embedded[-1] < 40  # it stopped between inputs
+        status = (await fa.client.get("/status")).json()["loaded_models"][0]
+        assert status["slots"]["busy"] == 0
+        r = await fa.client.post("/v1/embeddings", json={"input": "next"})
+        assert r.status_code == 200
+        counts = await fa.settle(lambda c: c["active"] == 0)
+        assert (counts["cancelled"], counts["completed"]) == (1, 1)
+
+
+async def test_an_abandoned_stream_and_chat_are_counted_once(tmp_path: Path) -> None:
+    script = Script(pieces=tuple(f" w{i}" for i in range(100)), delay=0.02)
+    async with fast_app(tmp_path, script) as fa:
+        await leave_after(fa.app, CHAT, {"messages": USER, "stream": True}, 0.2)
+        await leave_after(fa.app, CHAT, {"messages": USER}, 0.2)
+        counts = await fa.settle(lambda c: c["active"] == 0)
+        assert (counts["cancelled"], counts["completed"], counts["failed"]) == (2, 0, 0)
+        assert counts["tokens_generated"] < 100
+
+
+async def test_the_slot_is_held_until_the_worker_is_done(tmp_path: Path) -> None:
+    # The worker cannot stop a prompt stage that blocks; the next request must wait for it
+    # instead of being handed a slot whose thread is still busy.
+    import asyncio
+    import threading
+
+    hold = threading.Event()
+    script = Script(hold=hold)
+    async with fast_app(tmp_path, script) as fa:
+        leaving = asyncio.ensure_future(leave_after(fa.app, "/v1/embeddings", EMBED_40, 0.2))
+        await leaving
+        status = (await fa.client.get("/status")).json()
+        assert status["loaded_models"][0]["slots"]["busy"] == 1
+        assert status["requests"]["active"] == 1
+        hold.set()
+        counts = await fa.settle(lambda c: c["active"] == 0)
+        assert counts["cancelled"] == 1
+
+
+async def test_an_embedding_past_the_request_timeout_is_a_504(tmp_path: Path) -> None:
+    script = Script(delay=0.05)
+    async with fast_app(tmp_path, script, request_timeout=0.3) as fa:
+        r = await fa.client.post("/v1/embeddings", json=EMBED_40)
+        assert_error(r, 504, "request_timeout")
+        counts = await fa.settle(lambda c: c["active"] == 0)
+        assert (counts["failed"], counts["completed"]) == (1, 0)
+        assert script.embedded[-1] < 40
+
+
+async def test_queue_wait_is_reported_and_not_counted_against_the_timeout(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    script = Script(pieces=("a",) * 10, delay=0.05)  # 0.5 s per request
+    async with fast_app(tmp_path, script, request_timeout=0.8) as fa:
+        caplog.set_level(logging.INFO, "mloffload.access")
+        replies = await asyncio.gather(*[fa.client.post(CHAT, json={"messages": USER})
+                                         for _ in range(3)])
+        assert [r.status_code for r in replies] == [200, 200, 200]  # 1.5 s in all
+        waits = [float(rec.__dict__["queue_ms"]) for rec in caplog.records
+                 if "queue_ms" in rec.__dict__]
+        assert len(waits) == 3 and max(waits) > 500
+        metrics = (await fa.client.get("/metrics")).text
+        assert "mloffload_queue_wait_seconds_count 3.0" in metrics

@@ -81,3 +81,159 @@ def test_lone_surrogate_is_400_and_no_prompt_reaches_the_log(srv: ServerProcess)
     assert max(len(line) for line in log.splitlines()) < 5000
     assert httpx.post(srv.url + CHAT, json={"messages": USER, "max_tokens": 2},
                       timeout=60).status_code == 200
+
+
+# --- abandoned, timed-out and oversized work ---------------------------------------------------
+
+WORDS_380 = " ".join(["word"] * 380)
+
+
+def counters(proc: ServerProcess) -> dict[str, int]:
+    return dict(httpx.get(proc.url + "/status", timeout=30).json()["requests"])
+
+
+def settle(proc: ServerProcess, check: object, timeout: float = 120.0) -> dict[str, int]:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = counters(proc)
+        if check(counts):  # type: ignore[operator]
+            return counts
+        assert time.monotonic() < deadline, counts
+        time.sleep(0.1)
+
+
+def test_an_abandoned_embedding_stops_and_frees_its_slot(srv: ServerProcess) -> None:
+    before = counters(srv)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(srv.url + "/v1/embeddings", json={"input": [WORDS_380] * 10}, timeout=2)
+    after = settle(srv, lambda c: c["cancelled"] == before["cancelled"] + 1)
+    assert after["active"] == 0 and after["failed"] == before["failed"]
+    model = httpx.get(srv.url + "/status", timeout=30).json()["loaded_models"][0]
+    assert model["slots"]["busy"] == 0
+    r = httpx.post(srv.url + CHAT, json={"messages": USER, "max_tokens": 4}, timeout=120)
+    assert r.status_code == 200
+    assert settle(srv, lambda c: c["active"] == 0)["completed"] == before["completed"] + 1
+
+
+def test_an_embedding_past_the_request_timeout_is_a_504(data_dir: Path) -> None:
+    with ServerProcess(data_dir, env={"ML_OFFLOAD_REQUEST_TIMEOUT": "2s",
+                                      "ML_OFFLOAD_N_CTX": "1024"}) as proc:
+        proc.wait_ready()
+        r = httpx.post(proc.url + "/v1/embeddings", json={"input": [WORDS_380] * 10},
+                       timeout=120)
+        assert_openai_error(r, 504, code="request_timeout")
+        counts = settle(proc, lambda c: c["active"] == 0)
+        assert (counts["failed"], counts["completed"]) == (1, 0)
+
+
+def test_one_embedding_request_has_bounded_memory(data_dir: Path) -> None:
+    with ServerProcess(data_dir, env={"ML_OFFLOAD_N_CTX": "4096"}) as proc:
+        proc.wait_ready()
+        small = httpx.post(proc.url + "/v1/embeddings", json={"input": "hello"}, timeout=60)
+        assert small.status_code == 200
+        before = proc.rss()
+        r = httpx.post(proc.url + "/v1/embeddings", json={"input": "word " * 2000},
+                       timeout=300)
+        assert r.status_code == 200, r.text
+        grown = proc.rss() - before
+        # Logits for a whole 2000-token batch were 4 GB; batches within 128 MiB of them now.
+        assert grown < 600 * 1024**2, grown
+        r = httpx.post(proc.url + "/v1/embeddings", json={"input": "word " * 2100},
+                       timeout=300)
+        assert_openai_error(r, 400, code="context_length_exceeded", param="input")
+
+
+# --- the engine itself: cancel within a prompt, and size checks before tokenizing ----------------
+
+
+@pytest.fixture(scope="module")
+def engine(model_path: Path) -> Iterator[object]:
+    from mloffload.engine.llamacpp import LlamaCppEngine, LoadOptions
+    from mloffload.models.gguf_info import read_gguf_info
+
+    eng = LlamaCppEngine("gemma", read_gguf_info(model_path), LoadOptions(n_ctx=4096))
+    yield eng
+    eng.close()
+
+
+def test_a_cancelled_prompt_stops_within_its_first_batch(engine: object) -> None:
+    import threading
+
+    from mloffload.engine.base import GenerationResult, SamplingParams
+    from mloffload.engine.llamacpp import LlamaCppEngine
+
+    assert isinstance(engine, LlamaCppEngine)
+    prompt = "word " * 3000
+    cancel = threading.Event()
+    cancel.set()  # the client has already left when the prompt starts
+    result = GenerationResult()
+    pieces = list(engine.complete(prompt, SamplingParams(max_tokens=4, seed=1), result, cancel))
+    assert pieces == [] and result.finish_reason == "cancelled"
+    assert result.prompt_tokens > 3000
+    # llama.cpp aborted the first 512-token batch: none of the prompt is in the cache.
+    assert engine._llm.n_tokens < 512
+    # ... and the engine serves the next request normally.
+    result = GenerationResult()
+    text = "".join(engine.complete("1, 2, 3,", SamplingParams(max_tokens=4, temperature=0),
+                                   result, threading.Event()))
+    assert text and result.finish_reason in ("stop", "length")
+
+
+def test_a_cancelled_embedding_raises_cancelled(engine: object) -> None:
+    import threading
+
+    from mloffload.engine.base import Cancelled
+    from mloffload.engine.llamacpp import LlamaCppEngine
+
+    assert isinstance(engine, LlamaCppEngine)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        engine.embed([WORDS_380] * 3, cancel)
+    assert len(engine.embed(["still works"]).vectors) == 1
+
+
+def test_an_oversized_prompt_is_refused_by_its_size(engine: object) -> None:
+    import threading
+
+    from mloffload.engine.base import ContextLengthError, GenerationResult, SamplingParams
+    from mloffload.engine.llamacpp import LlamaCppEngine
+
+    assert isinstance(engine, LlamaCppEngine)
+    messages = [{"role": "user", "content": "x" * 1900}] * 2048  # 3.9 MB
+    with pytest.raises(ContextLengthError, match="at least") as info:
+        engine.chat(messages, SamplingParams(), GenerationResult(), threading.Event())
+    assert info.value.param == "messages" and "4096" in str(info.value)
+    with pytest.raises(ContextLengthError, match="at least"):
+        engine.embed(["fine", "word " * 100_000])
+
+
+def test_chunked_embeddings_match_one_batch(engine: object) -> None:
+    import numpy as np
+
+    from mloffload.engine.llamacpp import LlamaCppEngine
+
+    assert isinstance(engine, LlamaCppEngine)
+    text = "The quick brown fox jumps over the lazy dog. " * 20  # about 220 tokens
+    chunked = np.array(engine.embed([text]).vectors[0])
+    assert abs(float(np.linalg.norm(chunked)) - 1.0) < 1e-6
+    # The same input in one batch, pooled by llama.cpp itself, as before.
+    import llama_cpp
+    from llama_cpp import _internals as internals
+
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = 512
+    params.embeddings = True
+    params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+    ctx = internals.LlamaContext(model=engine._llm._model, params=params, verbose=False)
+    batch = internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1, verbose=False)
+    tokens = engine._llm.tokenize(text.encode(), add_bos=True, special=True)
+    batch.add_sequence(tokens, 0, True)
+    ctx.decode(batch)
+    ref = np.array(llama_cpp.llama_get_embeddings_seq(ctx.ctx, 0)[:640])
+    ctx.close()
+    batch.close()
+    ref /= np.linalg.norm(ref)
+    assert float(ref @ chunked) > 0.9999

@@ -185,6 +185,10 @@ class Settings:
     max_tokens: int = setting(
         0, parse_int, "most tokens any request may generate (0: whatever context is left)",
         "N")
+    embedding_memory: int = setting(
+        128 * 1024**2, parse_size, "memory one embedding request may use for its batch (a "
+        "decoder model computes logits for every token: 8 bytes x vocabulary a token; longer "
+        "inputs take several batches)", "SIZE")
     threads: int = setting(0, parse_int, "CPU threads for llama.cpp (0: half the logical "
                            "CPUs, at least 1)", "N")
     n_gpu_layers: int | None = setting(

@@ -194,7 +194,8 @@ class Fallback:
         started = time.monotonic()
         try:
             engine, plan = open_model(entry, plan, n_threads=settings.effective_threads,
-                                      main_gpu=settings.gpu)
+                                      main_gpu=settings.gpu,
+                                      embedding_memory=settings.embedding_memory)
         except LlamaCppUnavailable as exc:
             why = exc.__cause__ or exc
             raise FallbackUnavailable(f"{install_hint([pinned('llama-cpp-python')])} "

@@ -169,10 +169,12 @@ class LoadedModel:
 class Lease:
     """A request's slot on a model: held from the front of the queue until its job ends."""
 
-    def __init__(self, manager: ModelManager, model: LoadedModel, keep_alive: float | None):
+    def __init__(self, manager: ModelManager, model: LoadedModel, keep_alive: float | None,
+                 waited: float = 0.0):
         self.manager = manager
         self.model = model
         self.keep_alive = keep_alive
+        self.waited = waited  # seconds from arrival to the slot: the queue and any load
         self.started = time.monotonic()
         self._released = False
 
@@ -249,6 +251,7 @@ class ModelManager:
         Past the busy slots, ``max_queue`` requests may wait; one more is refused with 429.
         ``on_wait`` hears how many wait ahead whenever the request has to wait.
         """
+        arrived = time.monotonic()
         entry = self.resolve(name)
         mid = entry.id
         m = self.loaded.get(mid)
@@ -277,7 +280,9 @@ class ModelManager:
             if mid in self.loaded:
                 self.loaded.move_to_end(mid)
             model.last_used = time.time()
-            return Lease(self, model, keep_alive)
+            waited = time.monotonic() - arrived
+            self.stats.queue_wait.observe(waited)
+            return Lease(self, model, keep_alive, waited)
         finally:
             self.stats.dequeue()
             if not granted:

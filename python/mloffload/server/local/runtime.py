@@ -66,7 +66,7 @@ class LocalRuntime:
         try:
             engine, plan = await asyncio.to_thread(
                 open_model, entry, plan, n_threads=self.settings.effective_threads,
-                main_gpu=self.settings.gpu)
+                main_gpu=self.settings.gpu, embedding_memory=self.settings.embedding_memory)
         except LlamaCppUnavailable as exc:
             raise EngineError(str(exc)) from exc
         executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{entry.id}")
