@@ -92,13 +92,33 @@ def slug(text: str) -> str:
 
 
 class Registry:
-    """Thread-safe; the in-memory view is rebuilt from SQLite after every change."""
+    """Thread-safe; the in-memory view is rebuilt from SQLite after every change.
 
-    def __init__(self, db_path: Path) -> None:
-        db_path.parent.mkdir(parents=True, exist_ok=True)
+    ``db_path`` None keeps the database in memory (a data folder that cannot be written).
+    Opening raises sqlite3.DatabaseError for a database that is not one, or fails its
+    integrity check; ``catalog.open_database`` decides what to do about it.
+    """
+
+    def __init__(self, db_path: Path | None) -> None:
+        if db_path is not None:
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = db_path
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
+        self._entries: dict[str, ModelEntry] = {}
+        self._aliases: dict[str, str] = {}
+        self._db = sqlite3.connect(":memory:" if db_path is None else str(db_path),
+                                   check_same_thread=False, isolation_level=None)
+        try:
+            self._open()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _open(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
+        check = self._db.execute("PRAGMA quick_check").fetchone()
+        if check is None or check[0] != "ok":
+            raise sqlite3.DatabaseError(f"integrity check failed: {check and check[0]}")
         self._db.executescript(_SCHEMA)
         stored = self._db.execute("SELECT value FROM meta WHERE key = 'info_version'").fetchone()
         if stored is None or stored[0] != str(INFO_VERSION):
@@ -109,8 +129,6 @@ class Registry:
                 " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 (str(INFO_VERSION),),
             )
-        self._entries: dict[str, ModelEntry] = {}
-        self._aliases: dict[str, str] = {}
         self._reload()
 
     def close(self) -> None:

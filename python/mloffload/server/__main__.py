@@ -11,7 +11,7 @@ import uvicorn
 
 from ..config import ConfigError, Settings, load_settings
 from ..logs import setup_logging
-from ..models.catalog import CatalogError
+from ..models.catalog import CatalogError, NotWritable
 
 log = logging.getLogger("mloffload.server")
 
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         registry = open_registry(settings)
     except CatalogError as exc:
         print(f"ml-offload: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, NotWritable) else 1
     try:
         app = create_app(settings, registry)
         log.info("ml-offload %s backend, default model %s, listening on http://%s:%d",
