@@ -208,7 +208,9 @@ def _ms(v: float | None) -> float | None:
 
 def get_json(client: httpx.Client, url: str, path: str, method: str = "GET") -> dict[str, Any]:
     try:
-        r = client.request(method, url + path, timeout=300)
+        # The server refuses a POST without a JSON body type (cross-site requests).
+        r = client.request(method, url + path, timeout=300,
+                           json={} if method == "POST" else None)
         data = r.json()
         if not isinstance(data, dict):
             return {"status_code": r.status_code, "body": data}

@@ -170,6 +170,16 @@ class FastApp:
     async def counters(self) -> dict[str, int]:
         return dict((await self.client.get("/status")).json()["requests"])
 
+    async def preloaded(self, key: str = "") -> None:
+        """Wait for the start-up preload of the default model (milliseconds here)."""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        for _ in range(500):
+            status = (await self.client.get("/status", headers=headers)).json()
+            if status.get("loaded_models") and not status.get("loading"):
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the default model never loaded")
+
     async def settle(self, check: Callable[[dict[str, int]], bool]) -> dict[str, int]:
         """The counters once ``check`` holds for them (the worker thread ends on its own)."""
         for _ in range(500):
@@ -225,6 +235,8 @@ async def fast_app(tmp_path: Path, script: Script | None = None, **values: Any
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url=ORIGIN) as client:
-                yield FastApp(client, app, registry, script, model)
+                fa = FastApp(client, app, registry, script, model)
+                await fa.preloaded(values.get("api_key", ""))
+                yield fa
     finally:
         registry.close()

@@ -104,3 +104,24 @@ def test_readme_documents_every_option() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for opt in OPTIONS:
         assert f"| `{opt.flag}` | `{opt.env}` |" in readme, opt.name
+
+
+@pytest.mark.parametrize("content", ["", "\n", "   \n\t\n"])
+@pytest.mark.parametrize("option", ["--api-key-file", "--llamacpp-api-key-file"])
+def test_an_empty_key_file_is_refused(tmp_path: Path, content: str, option: str) -> None:
+    key = tmp_path / "key"
+    key.write_text(content)
+    with pytest.raises(ConfigError, match="is empty"):
+        load_settings([option, str(key)], environ={})
+    out = subprocess.run([sys.executable, "-m", "mloffload.server", option, str(key),
+                          "--port", "1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "is empty" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("env", [
+    {"ML_OFFLOAD_MAX_CONNECTIONS": "0"}, {"ML_OFFLOAD_HEADER_TIMEOUT": "0"},
+    {"ML_OFFLOAD_FIRST_REQUEST_TIMEOUT": "-1"}, {"ML_OFFLOAD_MAX_HEADER_SIZE": "10"},
+])
+def test_edge_limits_must_be_usable(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError):
+        load_settings([], environ=env)

@@ -189,3 +189,76 @@ async def test_queue_wait_is_reported_and_not_counted_against_the_timeout(
         assert len(waits) == 3 and max(waits) > 500
         metrics = (await fa.client.get("/metrics")).text
         assert "mloffload_queue_wait_seconds_count 3.0" in metrics
+
+
+# --- web pages: the Host rule and JSON for what changes state ---------------------------------
+
+
+@pytest.mark.parametrize("host", ["rebind.attacker.example", "rebind.attacker.example:9000",
+                                  "127.0.0.1.nip.io", "0.0.0.0:9000", "[2001:db8::1]:9000"])
+async def test_a_foreign_host_is_403_on_a_loopback_bind(tmp_path: Path, host: str) -> None:
+    async with fast_app(tmp_path) as fa:
+        for method, path in (("GET", "/status"), ("GET", "/health"), ("GET", "/v1/models"),
+                             ("POST", CHAT)):
+            r = await fa.client.request(method, path, headers={"Host": host},
+                                        json={"messages": USER} if method == "POST" else None)
+            assert_error(r, 403, "host_not_allowed")
+        assert (await fa.client.get("/status")).status_code == 200
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost:9000", "127.0.0.1:9000",
+                                  "127.1.2.3", "[::1]:9000", "LOCALHOST.", "app.localhost"])
+async def test_loopback_hosts_are_answered(tmp_path: Path, host: str) -> None:
+    async with fast_app(tmp_path) as fa:
+        r = await fa.client.get("/status", headers={"Host": host})
+        assert r.status_code == 200, r.text
+
+
+async def test_allowed_hosts_adds_names(tmp_path: Path) -> None:
+    async with fast_app(tmp_path, allowed_hosts=["gpu-box.lan"]) as fa:
+        assert (await fa.client.get("/status", headers={"Host": "gpu-box.lan:9000"})
+                ).status_code == 200
+        assert_error(await fa.client.get("/status", headers={"Host": "other.lan"}), 403)
+    async with fast_app(tmp_path / "any", allowed_hosts=["*"]) as fa:
+        assert (await fa.client.get("/status", headers={"Host": "other.lan"})).status_code == 200
+
+
+async def test_a_public_bind_with_a_key_checks_no_host(tmp_path: Path) -> None:
+    async with fast_app(tmp_path, host="0.0.0.0", api_key="k") as fa:
+        r = await fa.client.get("/status", headers={"Host": "gpu-box.lan",
+                                                    "Authorization": "Bearer k"})
+        assert r.status_code == 200
+
+
+@pytest.mark.parametrize("headers", [{}, {"Content-Type": "text/plain"},
+                                     {"Content-Type": "application/x-www-form-urlencoded"},
+                                     {"Content-Type": "multipart/form-data; boundary=x"}])
+@pytest.mark.parametrize("path", ["/api/models/default/unload", "/api/models/default/load",
+                                  CHAT, "/v1/embeddings"])
+async def test_state_changes_need_json_without_a_key(tmp_path: Path, headers: dict[str, str],
+                                                     path: str) -> None:
+    # What a web page can send across origins without a CORS preflight.
+    async with fast_app(tmp_path) as fa:
+        r = await fa.client.post(path, headers=headers, content=b"{}" if headers else b"")
+        assert_error(r, 415, "unsupported_media_type")
+        assert (await fa.client.get("/status")).json()["loaded_models"]  # still loaded
+
+
+async def test_state_changes_with_json_or_the_key(tmp_path: Path) -> None:
+    async with fast_app(tmp_path) as fa:
+        r = await fa.client.post("/api/models/default/unload", json={})
+        assert r.json() == {"unloaded": True, "id": "tiny"}
+    async with fast_app(tmp_path / "keyed", api_key="k") as fa:
+        key = {"Authorization": "Bearer k"}
+        r = await fa.client.post("/api/models/default/unload", headers=key)
+        assert r.status_code == 200, r.text
+        r = await fa.client.post("/api/models/default/load", headers={
+            **key, "Content-Type": "text/plain"}, content=b"x")
+        assert_error(r, 415, "unsupported_media_type")
+
+
+async def test_head_is_get_without_a_body(tmp_path: Path) -> None:
+    async with fast_app(tmp_path) as fa:
+        for path in ("/health", "/v1/models", "/status"):
+            r = await fa.client.head(path)
+            assert r.status_code == 200 and r.headers["content-type"] == "application/json"

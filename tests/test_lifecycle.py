@@ -122,14 +122,15 @@ def test_keep_alive_zero_unloads_and_gives_memory_back(lifecycle_server: ServerP
 
 def test_admin_load_and_unload(lifecycle_server: ServerProcess) -> None:
     url = lifecycle_server.url
-    r = httpx.post(url + "/api/models/second/load", timeout=120)
+    r = httpx.post(url + "/api/models/second/load", timeout=120, json={})
     assert r.status_code == 200 and r.json()["id"] == "second"
     assert loaded_ids(url) == ["second"]
-    r = httpx.post(url + "/api/models/second/unload", timeout=60)
+    r = httpx.post(url + "/api/models/second/unload", timeout=60, json={})
     assert r.json() == {"unloaded": True, "id": "second"}
     assert loaded_ids(url) == []
-    assert httpx.post(url + "/api/models/second/unload", timeout=60).json()["unloaded"] is False
-    assert_openai_error(httpx.post(url + "/api/models/nope/load", timeout=60), 404,
+    again = httpx.post(url + "/api/models/second/unload", timeout=60, json={})
+    assert again.json()["unloaded"] is False
+    assert_openai_error(httpx.post(url + "/api/models/nope/load", timeout=60, json={}), 404,
                         code="model_not_found")
 
 
@@ -184,7 +185,8 @@ def test_health_is_503_while_loading_and_requests_wait(lifecycle_server: ServerP
     assert chat(url, "default").status_code == 200  # "third" is not loaded
     seen: list[dict[str, Any]] = []
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        load = pool.submit(httpx.post, url + "/api/models/third/load", timeout=120)
+        load = pool.submit(httpx.post, url + "/api/models/third/load", timeout=120,
+                           json={})
         waiting = pool.submit(chat, url, "third")  # arrives while "third" is loading
         while not load.done():
             r = httpx.get(url + "/health", timeout=10)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import sys
 from collections.abc import Sequence
@@ -12,17 +11,10 @@ import uvicorn
 from ..config import ConfigError, Settings, load_settings
 from ..logs import setup_logging
 from ..models.catalog import CatalogError, NotWritable
+from .edge import limits_from, protocol_class
+from .guard import is_loopback
 
 log = logging.getLogger("mloffload.server")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_bind(settings: Settings) -> None:
@@ -79,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("ml-offload %s backend, default model %s, listening on http://%s:%d",
                  settings.backend, registry.default_id(), settings.host, settings.port)
         uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
-                    access_log=False, timeout_graceful_shutdown=5)
+                    access_log=False, timeout_graceful_shutdown=5,
+                    http=protocol_class(limits_from(settings)))
     finally:
         registry.close()
     return 0

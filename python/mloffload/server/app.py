@@ -94,5 +94,5 @@ def create_app(settings: Settings, registry: Registry | None = None,
         app.add_middleware(OpenAICORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(Guard, api_key=settings.api_key, max_body=settings.max_body, stats=stats)
+    app.add_middleware(Guard, settings=settings, stats=stats)
     return app
