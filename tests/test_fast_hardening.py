@@ -262,3 +262,74 @@ async def test_head_is_get_without_a_body(tmp_path: Path) -> None:
         for path in ("/health", "/v1/models", "/status"):
             r = await fa.client.head(path)
             assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+
+
+# --- the model file changes on disk -------------------------------------------------------
+
+
+async def test_readiness_follows_the_default_models_file(tmp_path: Path) -> None:
+    from fakes import tiny_gguf
+
+    async with fast_app(tmp_path) as fa:
+        assert (await fa.client.post("/api/models/default/unload", json={})).status_code == 200
+        fa.model_path.unlink()
+        r = await fa.client.get("/health")
+        err = assert_error(r, 503, "backend_unavailable")
+        assert "tiny" in err["message"] and "missing" in err["message"]
+        assert (await fa.client.get("/api/health")).json()["status"] == "unhealthy"
+        card = (await fa.client.get("/v1/models")).json()["data"][0]
+        assert card["meta"]["usable"] is False and "missing" in card["meta"]["reason"]
+        assert_error(await fa.client.post(CHAT, json={"messages": USER}), 500, "model_unusable")
+        fa.model_path.write_bytes(b"GGUF" + b"\0" * 100)  # back, but broken
+        assert_error(await fa.client.get("/health"), 503, "backend_unavailable")
+        tiny_gguf(fa.model_path, name="Tiny Again")  # back and good
+        assert (await fa.client.get("/health")).status_code == 200
+        assert (await fa.client.get("/v1/models")).json()["data"][0]["meta"]["usable"] is True
+        assert (await fa.client.post(CHAT, json={"messages": USER})).status_code == 200
+
+
+async def test_a_file_changed_under_an_idle_model_is_never_touched(tmp_path: Path) -> None:
+    from fakes import tiny_gguf
+
+    async with fast_app(tmp_path) as fa:
+        assert (await fa.client.post(CHAT, json={"messages": USER})).status_code == 200
+        manager = fa.app.state.backend.manager
+        first = manager.loaded["tiny"].runner.engine
+        with fa.model_path.open("r+b") as fh:  # truncated in place
+            fh.truncate(fa.model_path.stat().st_size // 2)
+        err = assert_error(await fa.client.post(CHAT, json={"messages": USER}), 500,
+                           "model_unusable")
+        assert "truncated" in err["message"]
+        await fa.settle(lambda c: c["active"] == 0 and first.closed)
+        assert "tiny" not in manager.loaded  # dropped, never used again
+        tiny_gguf(fa.model_path, name="Tiny Two")  # a good file again
+        assert (await fa.client.post(CHAT, json={"messages": USER})).status_code == 200
+        second = manager.loaded["tiny"].runner.engine
+        tiny_gguf(fa.model_path, name="Tiny Three, a longer name")  # replaced while loaded
+        assert (await fa.client.post(CHAT, json={"messages": USER})).status_code == 200
+        await fa.settle(lambda c: second.closed)
+        assert manager.loaded["tiny"].runner.engine is not second
+
+
+async def test_a_file_changed_while_requests_wait_is_a_503(tmp_path: Path) -> None:
+    import asyncio
+    import threading
+
+    from fakes import tiny_gguf
+
+    hold = threading.Event()
+    async with fast_app(tmp_path, Script(hold=hold)) as fa:
+        running = asyncio.ensure_future(fa.client.post(CHAT, json={"messages": USER}))
+        await asyncio.get_running_loop().run_in_executor(None, fa.script.started.wait, 10)
+        queued = asyncio.ensure_future(fa.client.post(CHAT, json={"messages": USER}))
+        await fa.settle(lambda c: c["queued"] == 1)
+        tiny_gguf(fa.model_path, name="Replaced While Busy")
+        hold.set()
+        assert (await running).status_code == 200  # it was running on the old file already
+        r = await queued
+        err = assert_error(r, 503, "model_file_changed")
+        assert r.headers["retry-after"] == "1" and "tiny" in err["message"]
+        await fa.settle(lambda c: c["active"] == 0)
+        assert (await fa.client.post(CHAT, json={"messages": USER})).status_code == 200
+        counts = await fa.settle(lambda c: c["active"] == 0)
+        assert (counts["completed"], counts["failed"]) == (2, 1)

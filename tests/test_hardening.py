@@ -237,3 +237,58 @@ def test_chunked_embeddings_match_one_batch(engine: object) -> None:
     batch.close()
     ref /= np.linalg.norm(ref)
     assert float(ref @ chunked) > 0.9999
+
+
+# --- a model file truncated in place while loaded ---------------------------------------------
+
+
+@pytest.fixture
+def own_model(tmp_path: Path, model_path: Path) -> Path:
+    """A copy of the model this test may damage (the session's stays whole)."""
+    import shutil
+
+    copy = tmp_path / "models" / "mine.gguf"
+    copy.parent.mkdir()
+    shutil.copyfile(model_path, copy)
+    return copy
+
+
+def test_a_model_truncated_while_loaded_does_not_kill_the_server(
+        tmp_path: Path, own_model: Path) -> None:
+    env = {"ML_OFFLOAD_N_CTX": "512", "ML_OFFLOAD_DEFAULT_MODEL": str(own_model)}
+    with ServerProcess(tmp_path / "data", env=env) as proc:
+        proc.wait_ready()
+        assert httpx.post(proc.url + CHAT, json={"messages": USER, "max_tokens": 2},
+                          timeout=120).status_code == 200
+        with own_model.open("r+b") as fh:
+            fh.truncate(own_model.stat().st_size // 2)
+        r = httpx.post(proc.url + CHAT, json={"messages": USER, "max_tokens": 2}, timeout=120)
+        err = assert_openai_error(r, 500, code="model_unusable")
+        assert "truncated" in err["message"]
+        assert_openai_error(httpx.get(proc.url + "/health", timeout=30), 503,
+                            code="backend_unavailable")
+        status = httpx.get(proc.url + "/status", timeout=30).json()
+        assert status["loaded_models"] == []
+        assert proc.proc.poll() is None  # alive: no SIGBUS
+        log = proc.log()
+    assert "its file changed on disk" in log and "Traceback" not in log
+
+
+def test_the_fallback_never_touches_a_changed_model(tmp_path: Path, own_model: Path) -> None:
+    import threading
+
+    from mloffload.engine.base import GenerationResult
+    from mloffload.nvim.fallback import Fallback, FallbackUnavailable
+
+    fb = Fallback(model=str(own_model), data_dir=tmp_path / "data", environ={})
+    try:
+        hi = [{"role": "user", "content": "hi"}]
+        text = "".join(fb.chat(hi, {"max_tokens": 2}, GenerationResult(), threading.Event()))
+        assert text and fb.loaded
+        with own_model.open("r+b") as fh:
+            fh.truncate(own_model.stat().st_size // 2)
+        with pytest.raises(FallbackUnavailable, match="truncated"):
+            "".join(fb.chat(hi, {"max_tokens": 2}, GenerationResult(), threading.Event()))
+        assert not fb.loaded
+    finally:
+        fb.close()

@@ -199,3 +199,18 @@ def open_registry(settings: Settings) -> Registry:
         entry = registry.register_file(ensure_embedded_model(settings.data_dir), "embedded")
         registry.set_default(entry.id)
     return registry
+
+
+def default_model_problem(registry: Registry) -> str:
+    """Why the default model cannot serve now ("" when it can): its file is checked as it
+    is on disk (gone, truncated, replaced by something that is not GGUF). Readiness of
+    every backend that runs the registry's models: /health says 503 with this reason."""
+    default_id = registry.default_id()
+    if default_id is None:
+        return "no default model is configured"
+    entry = registry.verify(default_id)
+    if entry is None:
+        return f"the default model {default_id!r} is not in the registry"
+    if not entry.usable:
+        return f"the default model {entry.id!r} cannot be used: {entry.reason}"
+    return ""

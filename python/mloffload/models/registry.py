@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import sqlite3
 import threading
@@ -85,6 +86,17 @@ def model_card(model_id: str, created: int, owned_by: str, meta: dict[str, Any]
     """An OpenAI model object, with our details in ``meta``."""
     return {"id": model_id, "object": "model", "created": created, "owned_by": owned_by,
             "meta": meta}
+
+
+def file_changed(entry: ModelEntry) -> bool:
+    """Whether ``entry``'s file is no longer the one registered: gone, or another size or
+    mtime. A model file is mapped into memory while loaded; one truncated under it kills
+    the process that touches it (SIGBUS), so it is checked before each use."""
+    try:
+        st = os.stat(entry.path)
+    except OSError:
+        return True
+    return st.st_size != entry.size or st.st_mtime != entry.mtime
 
 
 def slug(text: str) -> str:
@@ -164,6 +176,31 @@ class Registry:
                     counts["removed"] += 1
             self._reload()
         return counts
+
+    def verify(self, model_id: str) -> ModelEntry | None:
+        """The entry as its file is now: read again when its size or mtime changed,
+        unusable (with the reason) while the file is gone or unreadable. Every backend calls
+        it before it trusts an entry: readiness, the model list, a load."""
+        entry = self.get(model_id)
+        if entry is None or not file_changed(entry):
+            return entry
+        path = Path(entry.path)
+        try:
+            fresh, _ = self._register(path, entry.source)
+        except OSError as exc:
+            if entry.size == -1 and not entry.usable:
+                return entry  # still gone: said so already
+            reason = f"the file {path} is missing or unreadable ({exc.strerror or exc})"
+            log.warning("model %s is unusable: %s", model_id, reason)
+            with self._lock:
+                self._db.execute("UPDATE models SET usable = 0, reason = ?, size = -1 "
+                                 "WHERE id = ?", (reason, model_id))
+        else:
+            log.warning("model %s: its file changed on disk (%d bytes, was %d); read again",
+                        model_id, fresh.size, entry.size)
+        with self._lock:
+            self._reload()
+        return self._entries.get(model_id)
 
     def register_file(self, path: Path, source: str) -> ModelEntry:
         entry, _ = self._register(path.expanduser().resolve(), source)

@@ -24,7 +24,7 @@ from ..config import Settings, parse_duration
 from ..engine.base import EngineError
 from ..hardware.gpu import GPUProbe
 from ..hardware.planner import OffloadPlan
-from ..models.registry import ModelEntry, Registry
+from ..models.registry import ModelEntry, Registry, file_changed
 from .errors import APIError, model_not_found
 from .stats import Stats
 
@@ -234,6 +234,8 @@ class ModelManager:
         entry = self.registry.resolve(name)
         if entry is None:
             raise model_not_found(name)
+        entry = self.registry.verify(entry.id) or entry  # the file as it is now
+        self._retire_if_stale(entry.id)
         if not entry.usable or entry.info is None:
             raise APIError(500, f"The model {entry.id!r} cannot be used: {entry.reason}",
                            code="model_unusable", param="model")
@@ -434,14 +436,33 @@ class ModelManager:
         model = self.loaded.get(mid)
         if model is None or self._demand.get(mid) or model.gate.busy:
             return False
-        del self.loaded[mid]
-        self._cancel_unload(model)
-        self.stats.loaded.set(len(self.loaded))
-        model.dead = True
+        self._forget(model)
         await model.runner.close()
         log.info("unloaded %s (%s)", mid, reason)
         self._changed.set()
         return True
+
+    def _forget(self, model: LoadedModel) -> None:
+        del self.loaded[model.id]
+        self._cancel_unload(model)
+        self.stats.loaded.set(len(self.loaded))
+        model.dead = True
+
+    def _retire_if_stale(self, mid: str) -> None:
+        """A loaded model whose file changed on disk must not touch its mapped weights
+        again (a truncated file kills the process that does: SIGBUS). Idle, it is dropped
+        now, and the request loads the file afresh; busy, it unloads once its queue is
+        served (the backend refuses to run on it meanwhile, see file_changed)."""
+        model = self.loaded.get(mid)
+        if model is None or not file_changed(model.entry):
+            return
+        model.keep_alive = 0
+        if self._demand.get(mid) or model.gate.busy:
+            return
+        self._forget(model)
+        log.warning("unloaded %s: its file changed on disk", mid)
+        self._spawn(model.runner.close())
+        self._changed.set()
 
     async def close(self) -> None:
         self._closed = True

@@ -25,6 +25,8 @@ from ...engine.base import (
     GenerationResult,
 )
 from ...logs import log_unexpected
+from ...models.catalog import default_model_problem
+from ...models.registry import file_changed
 from ..backend import ClientGone, Health, HealthState, access, unless_disconnected
 from ..errors import APIError, error_body
 from ..manager import Lease, ModelManager, parse_keep_alive
@@ -156,6 +158,8 @@ class LocalBackend:
         try:
             lease = await unless_disconnected(request, self.manager.acquire(model, ka))
             access(request).queue_ms = round(lease.waited * 1000, 1)
+            if file_changed(lease.model.entry):
+                raise self._retire(lease)
             return lease
         except APIError as exc:
             self.stats.record(Outcome.REJECTED if exc.status == 429 else Outcome.FAILED)
@@ -163,6 +167,17 @@ class LocalBackend:
         except ClientGone:
             self.stats.record(Outcome.CANCELLED)
             raise
+
+    def _retire(self, lease: Lease) -> APIError:
+        """The model's file changed on disk while this request waited for it: touching its
+        mapped weights could kill the server (SIGBUS on a truncated file). The manager
+        unloads it once its queue is served; the next request loads the file again."""
+        entry = lease.model.entry
+        lease.keep_alive = 0
+        lease.release()
+        return APIError(503, f"The file of model {entry.id!r} changed on disk while it was "
+                        f"loaded ({entry.path}); it is unloaded, and the next request loads "
+                        "it again.", code="model_file_changed", headers={"Retry-After": "1"})
 
     # --- generation -----------------------------------------------------------------------
 
@@ -346,13 +361,15 @@ class LocalBackend:
 
     async def models(self) -> dict[str, Any]:
         loaded = set(self.manager.loaded)
-        return {"object": "list",
-                "data": [e.card(loaded=e.id in loaded) for e in self.manager.registry.list()]}
+        registry = self.manager.registry
+        entries = [registry.verify(e.id) or e for e in registry.list()]
+        return {"object": "list", "data": [e.card(loaded=e.id in loaded) for e in entries]}
 
     async def health(self) -> Health:
         facts = self.manager.facts
-        if not facts.get("available"):
-            reason = str(facts.get("reason"))
+        reason = "" if facts.get("available") else str(facts.get("reason"))
+        reason = reason or default_model_problem(self.manager.registry)
+        if reason:
             return Health(HealthState.UNAVAILABLE, reason,
                           {"available": False, "ready": False, "details": reason})
         loading = self.manager.loading()
