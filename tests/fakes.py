@@ -72,6 +72,7 @@ class Script:
     hold: threading.Event | None = None  # the prompt stage waits for it (a busy slot)
     started: threading.Event = dataclasses.field(default_factory=threading.Event)
     embedded: list[int] = dataclasses.field(default_factory=list)  # inputs done, per request
+    params: list[SamplingParams] = dataclasses.field(default_factory=list)  # as generated
 
 
 class FakeEngine:
@@ -103,6 +104,7 @@ class FakeEngine:
 
     def _pieces(self, params: SamplingParams, result: GenerationResult,
                 cancel: threading.Event) -> Iterator[str]:
+        self.script.params.append(params)
         limit = params.max_tokens or len(self.script.pieces)
         result.finish_reason = "stop"
         for n, piece in enumerate(self.script.pieces[:limit], start=1):

@@ -333,3 +333,29 @@ async def test_a_file_changed_while_requests_wait_is_a_503(tmp_path: Path) -> No
         assert (await fa.client.post(CHAT, json={"messages": USER})).status_code == 200
         counts = await fa.settle(lambda c: c["active"] == 0)
         assert (counts["completed"], counts["failed"]) == (2, 1)
+
+
+# --- small things ----------------------------------------------------------------------------
+
+
+async def test_max_tokens_has_a_default_cap(tmp_path: Path) -> None:
+    async with fast_app(tmp_path) as fa:
+        for asked in (2**63, 10**30, 5000):
+            r = await fa.client.post(CHAT, json={"messages": USER, "max_tokens": asked})
+            assert r.status_code == 200
+        r = await fa.client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2**63})
+        assert r.status_code == 200
+        assert [p.max_tokens for p in fa.script.params] == [2048] * 4
+    async with fast_app(tmp_path / "uncapped", max_tokens=0) as fa:
+        await fa.client.post(CHAT, json={"messages": USER, "max_tokens": 5000})
+        assert fa.script.params[-1].max_tokens == 5000
+
+
+async def test_docs_work_offline(tmp_path: Path) -> None:
+    async with fast_app(tmp_path) as fa:
+        r = await fa.client.get("/docs")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert "https://" not in r.text and "http://" not in r.text  # nothing from a CDN
+        for path in ("/v1/chat/completions", "/v1/embeddings", "/openapi.json"):
+            assert path in r.text
+        assert (await fa.client.get("/openapi.json")).status_code == 200

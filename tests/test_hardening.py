@@ -292,3 +292,20 @@ def test_the_fallback_never_touches_a_changed_model(tmp_path: Path, own_model: P
         assert not fb.loaded
     finally:
         fb.close()
+
+
+def test_sigterm_closes_the_registry(tmp_path: Path, data_dir: Path) -> None:
+    from test_registry import prepared_data
+
+    data = prepared_data(tmp_path, data_dir)
+    proc = ServerProcess(data, env={"ML_OFFLOAD_N_CTX": "512"})
+    try:
+        proc.wait_ready()
+        assert (data / "registry.sqlite3-wal").exists()  # open, in WAL mode
+        proc.proc.terminate()  # what systemd sends
+        proc.proc.wait(60)
+        log = proc.log()
+    finally:
+        proc.stop()
+    assert not (data / "registry.sqlite3-wal").exists()  # checkpointed and closed
+    assert "registry closed" in log

@@ -183,8 +183,8 @@ class Settings:
         512, parse_int, "tokens generated when a chat request sets no max_tokens (0: up to "
         "the context)", "N")
     max_tokens: int = setting(
-        0, parse_int, "most tokens any request may generate (0: whatever context is left)",
-        "N")
+        2048, parse_int, "most tokens any request may generate; more is capped to it (0: "
+        "whatever context is left)", "N")
     embedding_memory: int = setting(
         128 * 1024**2, parse_size, "memory one embedding request may use for its batch (a "
         "decoder model computes logits for every token: 8 bytes x vocabulary a token; longer "

@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ml-offload: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, NotWritable) else 1
     try:
-        app = create_app(settings, registry)
+        app = create_app(settings, registry, close_registry=True)
         log.info("ml-offload %s backend, default model %s, listening on http://%s:%d",
                  settings.backend, registry.default_id(), settings.host, settings.port)
         uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
