@@ -91,6 +91,11 @@ class Backend(Protocol):
         """The backend's part of `/status` (loaded models, upstream, ...)."""
         ...
 
+    def engine_pids(self) -> dict[int, dict[str, Any]]:
+        """The processes that hold models (pid → model and planned GPU bytes), so `/vram`
+        can put NVML's per-process numbers next to the plan."""
+        ...
+
 
 async def _wait_disconnect(request: Request) -> None:
     while True:

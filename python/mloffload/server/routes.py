@@ -118,7 +118,16 @@ async def embeddings(req: EmbeddingRequest, request: Request) -> Response:
 
 @router.get("/vram", summary="GPU memory: total, used, free (GB) and per-GPU detail")
 async def vram(request: Request) -> Response:
-    return json_response(request.app.state.gpu.snapshot().to_dict())
+    snap = request.app.state.gpu.snapshot()
+    out = snap.to_dict()
+    # Each engine's own VRAM (NVML's per-process accounting) next to the planner's figure.
+    engines = []
+    for pid, facts in backend_of(request).engine_pids().items():
+        used = [p.used_bytes for g in snap.gpus for p in g.processes if p.pid == pid]
+        engines.append({"pid": pid, **facts,
+                        "vram_bytes": sum(u for u in used if u is not None) if used else None})
+    out["engines"] = engines
+    return json_response(out)
 
 
 @router.get("/status", summary="Uptime, loaded models, request counters, GPU summary")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import struct
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -128,6 +130,19 @@ class EmbeddingRequest(_Lenient):
 
 
 # --- responses (documentation in /openapi.json; handlers build plain dicts) ---------
+
+
+def embedding_list(vectors: list[list[float]], model: str, prompt_tokens: int,
+                   encoding_format: str) -> dict[str, Any]:
+    """The `/v1/embeddings` answer; ``base64`` packs each vector as little-endian float32."""
+    data = []
+    for i, vec in enumerate(vectors):
+        emb: Any = vec
+        if encoding_format == "base64":
+            emb = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
 
 class Usage(BaseModel):

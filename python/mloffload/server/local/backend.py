@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
+import os
 import threading
 import time
 import uuid
@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
-import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -28,7 +27,12 @@ from ..backend import ClientGone, Health, HealthState, access, unless_disconnect
 from ..errors import APIError, error_body
 from ..manager import Lease, ModelManager, parse_keep_alive
 from ..responses import SSE_HEADERS, json_response
-from ..schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from ..schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    embedding_list,
+)
 from ..sse import DONE, ChunkTemplate, event
 from ..stats import Outcome, Stats
 from .pipe import TokenPipe, pump
@@ -303,16 +307,8 @@ class LocalBackend:
         if isinstance(out, BaseException):
             raise engine_api_error(out)
         access(request).tokens(out.prompt_tokens, 0)
-        data = []
-        for i, vec in enumerate(out.vectors):
-            emb: Any = vec
-            if req.encoding_format == "base64":
-                emb = base64.b64encode(np.asarray(vec, dtype=np.float32).tobytes()).decode()
-            data.append({"object": "embedding", "index": i, "embedding": emb})
-        return json_response({
-            "object": "list", "data": data, "model": req.model,
-            "usage": {"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens},
-        })
+        return json_response(embedding_list(out.vectors, req.model, out.prompt_tokens,
+                                            req.encoding_format))
 
     # --- facts ---------------------------------------------------------------------------
 
@@ -380,4 +376,11 @@ class LocalBackend:
 
     def status(self) -> dict[str, Any]:
         return {"loaded_models": self.manager.status(), "loading": self.manager.loading()}
+
+    def engine_pids(self) -> dict[int, dict[str, Any]]:
+        models = list(self.manager.loaded.values())
+        if not models:
+            return {}
+        return {os.getpid(): {"model": ",".join(m.id for m in models),
+                              "planned_gpu_bytes": sum(m.plan.gpu_bytes for m in models)}}
 

@@ -202,6 +202,15 @@ class UpstreamBackend:
         return out
 
 
+    def engine_pids(self) -> dict[int, dict[str, Any]]:
+        sup = self.supervisor
+        if sup is None or not sup.running or sup.proc is None:
+            return {}
+        plan = sup.plan
+        return {sup.proc.pid: {"model": sup.model_id,
+                               "planned_gpu_bytes": plan.gpu_bytes if plan else None}}
+
+
 def check_dimensions(req: EmbeddingRequest, n_embd: int | None) -> None:
     if req.dimensions is not None and n_embd is not None and req.dimensions != n_embd:
         raise APIError(400, f"This model's embeddings have {n_embd} dimensions; "
