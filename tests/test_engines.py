@@ -22,7 +22,7 @@ import httpx
 import psutil
 import pytest
 
-from helpers import REPO, ServerProcess, assert_openai_error, sse_events
+from helpers import REPO, ServerProcess, assert_openai_error, model_folder, sse_events
 from llama_server import llama_server_bin
 
 CHAT = "/v1/chat/completions"
@@ -33,17 +33,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Pa
     """Two ids for the real weights, one llama.cpp cannot load (an architecture it does not
     know; the header still reads), and two that the wrapper below fails and hangs on."""
     folder = tmp_path_factory.mktemp("engine-models")
-    os.link(model_path, folder / "second.gguf")
-    os.link(model_path, folder / "hangs.gguf")
-    os.link(model_path, folder / "exits.gguf")
-    data = bytearray(model_path.read_bytes()[:4_000_000])
-    i = data.index(b"gemma3")  # general.architecture's value comes first
-    data[i:i + 6] = b"gemmaX"
-    with (folder / "alien.gguf").open("wb") as out, model_path.open("rb") as src:
-        out.write(data)
-        src.seek(len(data))
-        out.write(src.read())
-    return folder
+    return model_folder(folder, model_path, ["second", "hangs", "exits"])
 
 
 @pytest.fixture(scope="module")
