@@ -20,9 +20,9 @@ from ..models.registry import Registry
 from .backend import Backend
 from .errors import APIError, error_response, install_error_handlers
 from .guard import Guard
-from .manager import Runtime
 from .mode import resolve_mode
 from .routes import router
+from .runner import Runtime
 from .stats import Stats
 
 log = logging.getLogger("mloffload.server")

@@ -12,14 +12,12 @@ requests on it fail on their own, and the next request for the model loads it ag
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import logging
 import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any
 
 from ..config import Settings, parse_duration
 from ..engine.base import EngineError
@@ -27,100 +25,11 @@ from ..hardware.gpu import GPUProbe
 from ..hardware.planner import OffloadPlan
 from ..models.registry import ModelEntry, Registry
 from .errors import APIError, model_not_found
+from .runner import Runner, Runtime
+from .slots import SlotGate
 from .stats import Stats
 
 log = logging.getLogger("mloffload.manager")
-
-
-class Runner(Protocol):
-    """One loaded model, however it runs."""
-
-    @property
-    def slots(self) -> int:
-        """Requests it decodes at once."""
-        ...
-
-    def describe(self) -> dict[str, Any]:
-        """Its part of the model's `/status` entry (engine facts, process, memory)."""
-        ...
-
-    async def close(self) -> None:
-        """Free everything it holds; for a process, the process has exited on return."""
-        ...
-
-
-class Runtime(Protocol):
-    name: str
-
-    @property
-    def facts(self) -> dict[str, Any]:
-        """What the engine can do (`/api/backend/info` → engine)."""
-        ...
-
-    def plan(self, entry: ModelEntry) -> OffloadPlan: ...
-
-    async def open(self, entry: ModelEntry, plan: OffloadPlan,
-                   on_exit: Callable[[str], None]) -> tuple[Runner, OffloadPlan]:
-        """Load the model; returns it and the plan it really runs with (a load may have
-        been retried with fewer GPU layers). Raises EngineError with the reason when it
-        cannot. ``on_exit`` is called (on the loop) if the runner later dies by itself."""
-        ...
-
-
-class SlotGate:
-    """A FIFO semaphore: ``slots`` holders at once, the rest wait in arrival order."""
-
-    def __init__(self, slots: int) -> None:
-        self.slots = max(1, slots)
-        self.busy = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-
-    def locked(self) -> bool:
-        return self.busy >= self.slots
-
-    @property
-    def waiting(self) -> int:
-        return sum(1 for w in self._waiters if not w.done())
-
-    def ahead_of(self, fut: asyncio.Future[None]) -> int:
-        """How many wait in front of ``fut`` (the position a queued client is shown)."""
-        n = 0
-        for w in self._waiters:
-            if w is fut:
-                return n
-            if not w.done():
-                n += 1
-        return n
-
-    async def acquire(self, on_wait: Callable[[asyncio.Future[None]], None] | None = None
-                      ) -> None:
-        if self.busy < self.slots and not self.waiting:
-            self.busy += 1
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        if on_wait is not None:
-            on_wait(fut)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self.release()  # granted just as it was cancelled: pass the slot on
-            else:
-                self._discard(fut)
-            raise
-
-    def _discard(self, fut: asyncio.Future[None]) -> None:
-        with contextlib.suppress(ValueError):
-            self._waiters.remove(fut)
-
-    def release(self) -> None:
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)  # the slot goes straight to the next in line
-                return
-        self.busy = max(0, self.busy - 1)
 
 
 class LoadedModel:

@@ -20,7 +20,7 @@ from ...config import Settings
 from ...hardware.gpu import GPUProbe
 from ...hardware.planner import OffloadPlan, plan_for_settings
 from ...models.registry import ModelEntry
-from ..manager import Runner
+from ..runner import Runner
 from .process import EngineProcess
 
 log = logging.getLogger("mloffload.engines")
