@@ -202,6 +202,13 @@ def test_keep_alive_zero_unloads(api: Served) -> None:
     # The next request loads it again, and says how long that took.
     again = api.client.chat(model="default", messages=HELLO, options=GREEDY)
     assert again.load_duration and again.load_duration > 0
+    # Negative keeps it forever; so does a keep-alive longer than a date can say.
+    for forever in (-1, "-5m", 1e300):
+        assert api.client.generate(model="default", keep_alive=forever).done_reason == "load"
+        [running] = api.client.ps().models
+        assert running.expires_at is not None
+        assert running.expires_at - dt.datetime.now(dt.UTC) > dt.timedelta(days=365 * 100)
+    api.client.generate(model="default", keep_alive="5m")
 
 
 @pytest.mark.parametrize("call", ["chat", "generate", "show", "embed"])

@@ -18,8 +18,10 @@ def rfc3339(t: float | None = None) -> str:
 
 
 def expires_at(seconds_left: float | None) -> str:
-    """When a model unloads: ``None`` seconds left means never (Ollama's far future)."""
-    left = FOREVER if seconds_left is None else dt.timedelta(seconds=seconds_left)
+    """When a model unloads: ``None`` seconds left (or more than Go can say) means never,
+    which Ollama shows as the far future."""
+    forever = seconds_left is None or seconds_left >= FOREVER.total_seconds()
+    left = FOREVER if forever else dt.timedelta(seconds=seconds_left or 0)
     return _text(dt.datetime.now(dt.UTC) + left)
 
 
