@@ -22,7 +22,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ...config import Settings
-from ..backend import ClientGone, Health, HealthState, access, unless_disconnected
+from ..backend import (
+    ClientGone,
+    Health,
+    HealthState,
+    access,
+    no_fill_in_middle,
+    unless_disconnected,
+)
 from ..errors import APIError
 from ..manager import Lease, ModelManager, OnWait, Ticket, parse_keep_alive
 from ..queued import QueuedStream
@@ -94,6 +101,8 @@ class ManagedBackend:
         return await self._relay("/v1/chat/completions", req, request)
 
     async def completion(self, req: CompletionRequest, request: Request) -> Response:
+        if req.suffix:  # llama-server's /v1/completions would ignore it
+            raise no_fill_in_middle(req.model)
         return await self._relay("/v1/completions", req, request)
 
     async def embeddings(self, req: EmbeddingRequest, request: Request) -> Response:
@@ -234,8 +243,8 @@ class ManagedBackend:
         return {"object": "list",
                 "data": [e.card(loaded=e.id in loaded) for e in self.manager.registry.list()]}
 
-    async def load(self, name: str) -> dict[str, Any]:
-        loaded = await self.manager.load(name, explicit=True)
+    async def load(self, name: str, keep_alive: float | None = None) -> dict[str, Any]:
+        loaded = await self.manager.load(name, explicit=True, keep_alive=keep_alive)
         return {"loaded": True, **loaded.status()}
 
     async def unload(self, name: str) -> dict[str, Any]:

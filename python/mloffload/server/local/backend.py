@@ -23,7 +23,14 @@ from ...engine.base import (
     EngineError,
     GenerationResult,
 )
-from ..backend import ClientGone, Health, HealthState, access, unless_disconnected
+from ..backend import (
+    ClientGone,
+    Health,
+    HealthState,
+    access,
+    no_fill_in_middle,
+    unless_disconnected,
+)
 from ..errors import APIError, error_body
 from ..manager import Lease, ModelManager, parse_keep_alive
 from ..responses import SSE_HEADERS, json_response
@@ -143,6 +150,7 @@ class LocalBackend:
     # --- generation -----------------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
+        _refuse_format(req)
         messages = req.message_dicts()
         params = req.sampling(self.settings)
         if log.isEnabledFor(logging.DEBUG):  # prompt text is logged at debug level only
@@ -155,6 +163,9 @@ class LocalBackend:
         return await self._generate(request, req, start, chat=True)
 
     async def completion(self, req: CompletionRequest, request: Request) -> Response:
+        _refuse_format(req)
+        if req.suffix:
+            raise no_fill_in_middle(req.model)
         prompt = req.prompt_text
         params = req.sampling(self.settings)
         if log.isEnabledFor(logging.DEBUG):
@@ -338,8 +349,8 @@ class LocalBackend:
         return Health(HealthState.READY, "", {"available": True, "ready": True,
                                                "details": details})
 
-    async def load(self, name: str) -> dict[str, Any]:
-        loaded = await self.manager.load(name)
+    async def load(self, name: str, keep_alive: float | None = None) -> dict[str, Any]:
+        loaded = await self.manager.load(name, keep_alive=keep_alive)
         return {"loaded": True, **loaded.status()}
 
     async def unload(self, name: str) -> dict[str, Any]:
@@ -384,3 +395,9 @@ class LocalBackend:
         return {os.getpid(): {"model": ",".join(m.id for m in models),
                               "planned_gpu_bytes": sum(m.plan.gpu_bytes for m in models)}}
 
+
+def _refuse_format(req: ChatCompletionRequest | CompletionRequest) -> None:
+    if req.wants_format:
+        raise APIError(400, "The in-process llama.cpp backend cannot constrain its output to "
+                       "JSON ('response_format'); the llama-server and managed backends can.",
+                       param="response_format", code="unsupported_response_format")
