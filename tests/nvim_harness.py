@@ -193,6 +193,12 @@ class Editor:
         return self.wait(lambda: (lambda f: f if len(f) >= count else None)(self.finished()),
                          timeout, what=f"{count} finished request(s)")
 
+    def edit_file(self, path: Path, lines: Sequence[str]) -> int:
+        """Write ``lines`` to ``path``, open it (:edit) and return its buffer number."""
+        path.write_text("\n".join(lines) + "\n")
+        self.nvim.command(f"edit {path}")
+        return int(self.nvim.current.buffer.number)
+
     def proposals(self) -> list[dict[str, Any]]:
         """Open diff proposals: state, note, the proposal's lines, and whether both windows
         are in diff mode in one tab."""

@@ -20,9 +20,13 @@ local function buffer_item(ref, buf)
 end
 
 local function is_plain(buf)
+  local empty = vim.api.nvim_buf_get_name(buf) == ""
+    and vim.api.nvim_buf_line_count(buf) == 1
+    and vim.api.nvim_buf_get_lines(buf, 0, 1, false)[1] == ""
   return vim.api.nvim_buf_is_loaded(buf)
     and vim.bo[buf].buflisted
     and vim.bo[buf].buftype == ""
+    and not empty
     and not require("ml-offload.chat").find(buf)
 end
 
