@@ -61,8 +61,10 @@ class ServerProcess:
         self.log_path = data_dir / f"server-{self.port}.log"
         data_dir.mkdir(parents=True, exist_ok=True)
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("ML_OFFLOAD_")}
+        # In-process llama.cpp unless a test names another backend (managed mode, the
+        # default where a llama-server binary exists, has tests of its own).
         full_env.update({"ML_OFFLOAD_DATA_DIR": str(data_dir), "ML_OFFLOAD_PORT": str(self.port),
-                         "PYTHONUNBUFFERED": "1"})
+                         "ML_OFFLOAD_BACKEND": "llamacpp", "PYTHONUNBUFFERED": "1"})
         full_env.update(env or {})
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
@@ -150,3 +152,18 @@ def machine_gpu() -> tuple[bool, str]:
     if not engine_facts().get("supports_gpu_offload"):
         return False, "this llama.cpp build cannot offload"
     return True, ""
+
+
+def model_folder(folder: Path, model_path: Path, ids: Sequence[str]) -> Path:
+    """``folder`` with hard links to the real model under ``ids`` and ``alien.gguf``: the
+    same file with an architecture llama.cpp does not know (its header still reads)."""
+    for name in ids:
+        os.link(model_path, folder / f"{name}.gguf")
+    data = bytearray(model_path.read_bytes()[:4_000_000])
+    i = data.index(b"gemma3")  # general.architecture's value comes first
+    data[i:i + 6] = b"gemmaX"
+    with (folder / "alien.gguf").open("wb") as out, model_path.open("rb") as src:
+        out.write(data)
+        src.seek(len(data))
+        out.write(src.read())
+    return folder

@@ -204,18 +204,23 @@ class Settings:
     cors_origins: tuple[str, ...] = setting((), parse_list, "origins allowed by CORS (off "
                                             "when empty)", "ORIGINS")
     backend: str = setting(
-        "llamacpp", _choice("llamacpp", "llama-server"),
-        "llamacpp: in-process llama.cpp; llama-server: proxy to an external llama-server",
-        "NAME")
+        "auto", _choice("auto", "managed", "llamacpp", "llama-server"),
+        "managed: each model in its own llama-server process; llamacpp: llama.cpp inside "
+        "this process; llama-server: proxy to a llama-server you run; auto: managed when a "
+        "llama-server binary is at hand, else llamacpp", "NAME")
+    parallel: int = setting(
+        4, parse_int, "managed mode: requests each model decodes at once (llama-server "
+        "slots, each with the full n_ctx); fewer when memory says so", "N")
     llamacpp_url: str = setting("http://127.0.0.1:8080", str, "base URL of llama-server "
                                 "when backend is llama-server", "URL")
     llamacpp_api_key: str = setting(
         "", str, "with backend llama-server: the key llama-server was started with "
         "(--api-key); sent to it as 'Authorization: Bearer KEY'", "KEY")
     llama_server_bin: Path | None = setting(
-        None, _path, "with backend llama-server: start this llama-server binary yourself on "
-        "the llamacpp_url port, with the default model and the offload plan's -ngl, and "
-        "restart it if it dies", "PATH")
+        None, _path, "the llama-server binary: managed mode runs models with it (default: "
+        "this machine's build in ~/.cache/ml-offload, else llama-server on PATH); with "
+        "backend llama-server, start it yourself on the llamacpp_url port and restart it if "
+        "it dies", "PATH")
     log_level: str = setting("info", _choice("debug", "info", "warning", "error"),
                              "log verbosity (debug also logs prompt text)", "LEVEL")
     log_json: bool = setting(False, parse_bool, "log one JSON object per line", "BOOL")
@@ -353,6 +358,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("max_tokens and default_max_tokens must not be negative (0: no cap)")
     if s.max_loaded < 1:
         raise ConfigError("max_loaded must be at least 1")
+    if not 1 <= s.parallel <= 64:
+        raise ConfigError(f"parallel must be between 1 and 64, not {s.parallel}")
     if s.max_queue < 0:
         raise ConfigError("max_queue must not be negative")
     if s.request_timeout <= 0:

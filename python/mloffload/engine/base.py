@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 FINISH_STOP = "stop"
@@ -43,6 +43,29 @@ class SamplingParams:
     seed: int | None = None
 
 
+SEED_MODULUS = 2**32 - 1  # llama.cpp takes a 32-bit seed; larger ones are folded into it
+
+
+def sampling_from(values: Mapping[str, Any],
+                  token_limit: Callable[[int | None], int | None] | None = None
+                  ) -> SamplingParams:
+    """Request fields (OpenAI names) as SamplingParams: the one translation of the server's
+    schemas and the plugin's fallback. ``max_completion_tokens`` counts as ``max_tokens``;
+    ``token_limit`` applies the server's default and cap; a seed is folded to 32 bits."""
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    out = {k: v for k, v in values.items() if k in fields and v is not None}
+    if values.get("max_completion_tokens") is not None:
+        out["max_tokens"] = values["max_completion_tokens"]
+    if token_limit is not None:
+        out["max_tokens"] = token_limit(out.get("max_tokens"))
+    stop = out.get("stop")
+    if stop is not None:
+        out["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+    if out.get("seed") is not None:
+        out["seed"] = int(out["seed"]) % SEED_MODULUS
+    return SamplingParams(**out)
+
+
 @dataclasses.dataclass
 class GenerationResult:
     """Filled in while a generation runs; final once its iterator is exhausted."""
@@ -60,8 +83,6 @@ class Embeddings:
 
 class Engine(Protocol):
     model_id: str
-
-    def count_chat_tokens(self, messages: Sequence[dict[str, Any]]) -> int: ...
 
     def chat(
         self,

@@ -186,9 +186,6 @@ class LlamaCppEngine:
         self._stop_cache[stops] = (frozenset(ids), tuple(texts))
         return self._stop_cache[stops]
 
-    def count_chat_tokens(self, messages: Sequence[dict[str, Any]]) -> int:
-        return len(self._chat_tokens(messages)[0])
-
     # --- generation ---------------------------------------------------------------
 
     def chat(

@@ -73,6 +73,20 @@ class ModelEntry:
         }
 
 
+    def card(self, *, loaded: bool, owned_by: str = "ml-offload", **extra: Any
+             ) -> dict[str, Any]:
+        """This model as a `/v1/models` entry (the server, the proxy and the fallback)."""
+        return model_card(self.id, int(self.mtime), owned_by,
+                          {**self.summary(), "loaded": loaded, **extra})
+
+
+def model_card(model_id: str, created: int, owned_by: str, meta: dict[str, Any]
+               ) -> dict[str, Any]:
+    """An OpenAI model object, with our details in ``meta``."""
+    return {"id": model_id, "object": "model", "created": created, "owned_by": owned_by,
+            "meta": meta}
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")
 
@@ -234,16 +248,22 @@ class Registry:
         }
         self._aliases = aliases
 
-    def add_alias(self, alias: str, model_id: str) -> None:
-        """An in-memory alias (e.g. from configuration); it never shadows a real id."""
+    def mark_unusable(self, model_id: str, reason: str) -> None:
+        """Mark a model unusable (its engine keeps failing); kept until its file changes
+        (the next scan reads it again) or ``clear_unusable``."""
         with self._lock:
-            if model_id not in self._entries or alias in self._entries:
-                raise KeyError(alias)
-            self._aliases[alias] = model_id
-            e = self._entries[model_id]
-            self._entries[model_id] = dataclasses.replace(
-                e, aliases=tuple(sorted({*e.aliases, alias}))
-            )
+            self._db.execute("UPDATE models SET usable = 0, reason = ? WHERE id = ?",
+                             (reason, model_id))
+            self._reload()
+
+    def clear_unusable(self, model_id: str) -> None:
+        """Read a model's file again, whatever it was marked."""
+        entry = self._entries.get(model_id)
+        if entry is None:
+            return
+        with self._lock:
+            self._db.execute("UPDATE models SET size = -1 WHERE id = ?", (model_id,))
+        self.register_file(Path(entry.path), entry.source)
 
     def list(self) -> list[ModelEntry]:
         with self._lock:

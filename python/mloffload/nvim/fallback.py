@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError, Settings, load_settings
-from ..engine.base import EngineError, GenerationResult, SamplingParams
+from ..engine.base import EngineError, GenerationResult, SamplingParams, sampling_from
 from ..engine.build import pinned
 from .client import ModelFacts
 
@@ -74,16 +74,7 @@ def install_hint(missing: Sequence[str]) -> str:
 
 def sampling_params(params: Mapping[str, Any]) -> SamplingParams:
     """The plugin's request parameters (OpenAI names) as the engine's SamplingParams."""
-    fields = {f.name for f in dataclasses.fields(SamplingParams)}
-    values = {k: v for k, v in params.items() if k in fields and v is not None}
-    if "max_completion_tokens" in params and "max_tokens" not in values:
-        values["max_tokens"] = params["max_completion_tokens"]
-    stop = values.get("stop")
-    if stop is not None:
-        values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
-    if values.get("seed") is not None:
-        values["seed"] = int(values["seed"]) % (2**32 - 1)  # as the server does
-    return SamplingParams(**values)
+    return sampling_from(params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,12 +316,7 @@ class Fallback:
         """The local registry in the `/v1/models` card shape."""
         registry = self._open_registry()
         current = self._loaded.entry.id if self._loaded else None
-        cards = []
-        for entry in registry.list():
-            meta = entry.summary()
-            meta["loaded"] = entry.id == current
-            cards.append({"id": entry.id, "object": "model", "meta": meta})
-        return cards
+        return [entry.card(loaded=entry.id == current) for entry in registry.list()]
 
     # --- facts -----------------------------------------------------------------------
 

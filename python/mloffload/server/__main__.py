@@ -43,14 +43,21 @@ def engine_refusal(settings: Settings) -> str:
     before anything is served: an engine that dies with an illegal instruction on the first
     chat must stop the start-up with one clear line instead.
     """
-    if settings.backend != "llamacpp":
-        return ""
     from ..engine import doctor
+    from .mode import resolve_mode
 
+    mode = resolve_mode(settings)
+    if mode.backend == "llama-server":
+        return ""
     try:
-        check = doctor.check_inprocess(doctor.smoke_model(settings.data_dir))
+        model = doctor.smoke_model(settings.data_dir)
     except CatalogError as exc:
         return str(exc)
+    if mode.backend == "managed":
+        assert mode.binary is not None
+        check = doctor.check_llama_server(mode.binary, model)
+    else:
+        check = doctor.check_inprocess(model)
     return "" if check.ok else check.line
 
 
@@ -62,7 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ml-offload: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.log_json)
-    refusal = engine_refusal(settings)
+    try:
+        refusal = engine_refusal(settings)
+    except ConfigError as exc:
+        refusal = str(exc)
     if refusal:
         print(f"ml-offload: {refusal}", file=sys.stderr)
         return 2  # like a configuration error: restarting would not help
@@ -76,8 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         app = create_app(settings, registry)
-        log.info("ml-offload %s backend, default model %s, listening on http://%s:%d",
-                 settings.backend, registry.default_id(), settings.host, settings.port)
+        log.info("ml-offload: default model %s, listening on http://%s:%d",
+                 registry.default_id(), settings.host, settings.port)
         uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
                     access_log=False, timeout_graceful_shutdown=5)
     finally:

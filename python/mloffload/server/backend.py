@@ -1,9 +1,11 @@
-"""What the routes need from a backend: in-process llama.cpp or a proxied llama-server."""
+"""What the routes need from a backend, and the typed values a backend hands back."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import enum
 from collections.abc import Awaitable
 from typing import Any, Protocol, TypeVar
 
@@ -16,8 +18,46 @@ from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 T = TypeVar("T")
 
 
+class HealthState(enum.Enum):
+    READY = "ready"
+    LOADING = "loading"  # a model is loading: /health 503 model_loading
+    UNAVAILABLE = "unavailable"  # the engine or upstream cannot serve: 503 backend_unavailable
+
+
+@dataclasses.dataclass(frozen=True)
+class Health:
+    state: HealthState
+    reason: str  # why not ready ("" when ready)
+    detail: dict[str, Any]  # the `backends.llamacpp` entry of /api/health
+
+    @property
+    def ready(self) -> bool:
+        return self.state is HealthState.READY
+
+
+@dataclasses.dataclass
+class AccessInfo:
+    """What the access-log line reports about a request (never its text)."""
+
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+    def tokens(self, prompt: int, completion: int) -> None:
+        self.prompt_tokens, self.completion_tokens = prompt, completion
+
+
+def access(request: Request) -> AccessInfo:
+    """The request's AccessInfo (created on first use; guard.py logs it)."""
+    info = getattr(request.state, "access", None)
+    if not isinstance(info, AccessInfo):
+        info = AccessInfo()
+        request.state.access = info
+    return info
+
+
 class Backend(Protocol):
-    name: str  # "llamacpp" or "llama-server"
+    name: str  # "llamacpp", "managed" or "llama-server"
 
     async def startup(self) -> None: ...
 
@@ -33,8 +73,14 @@ class Backend(Protocol):
         """The `/v1/models` body."""
         ...
 
-    async def health(self) -> tuple[bool, str, dict[str, Any]]:
-        """(ready, reason when not ready, the `backends.llamacpp` entry of `/api/health`)."""
+    async def health(self) -> Health: ...
+
+    async def load(self, name: str) -> dict[str, Any]:
+        """Load a model now (`POST /api/models/{id}/load`); the body of the answer."""
+        ...
+
+    async def unload(self, name: str) -> dict[str, Any]:
+        """Unload a model now (`POST /api/models/{id}/unload`); the body of the answer."""
         ...
 
     async def info(self) -> dict[str, Any]:
@@ -43,6 +89,11 @@ class Backend(Protocol):
 
     def status(self) -> dict[str, Any]:
         """The backend's part of `/status` (loaded models, upstream, ...)."""
+        ...
+
+    def engine_pids(self) -> dict[int, dict[str, Any]]:
+        """The processes that hold models (pid → model and planned GPU bytes), so `/vram`
+        can put NVML's per-process numbers next to the plan."""
         ...
 
 

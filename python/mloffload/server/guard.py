@@ -6,6 +6,7 @@ It is plain ASGI (no BaseHTTPMiddleware) so streamed responses pass through unto
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import time
@@ -13,14 +14,13 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .backend import AccessInfo
 from .errors import APIError, error_response
 from .stats import Stats
 
 log = logging.getLogger("mloffload.access")
 
 OPEN_PATHS = frozenset({"/health"})
-# request.state keys the access line reports, in this order.
-ACCESS_FIELDS = ("model", "prompt_tokens", "completion_tokens")
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -123,8 +123,10 @@ class Guard:
         self.stats.requests.labels(label, str(status)).inc()
         self.stats.duration.labels(label).observe(seconds)
         state: dict[str, Any] = scope.get("state") or {}
-        # What a route put on request.state; never the prompt text.
-        fields = {k: state[k] for k in ACCESS_FIELDS if k in state}
+        # What the route and the backend noted (backend.access); never the prompt text.
+        info = state.get("access")
+        fields = {k: v for k, v in dataclasses.asdict(info).items() if v is not None} \
+            if isinstance(info, AccessInfo) else {}
         extra = "".join(f" {k}={v}" for k, v in fields.items())
         log.info(
             "%s %s %d %.1fms%s", scope.get("method"), scope.get("path"), status, seconds * 1000,

@@ -9,9 +9,9 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from .. import __version__
-from .backend import Backend
-from .errors import APIError, error_body
-from .local.backend import LocalBackend, json_response
+from .backend import Backend, HealthState, access
+from .errors import error_body, model_not_found
+from .responses import json_response
 from .schemas import (
     ERROR_RESPONSES,
     ChatCompletion,
@@ -55,22 +55,24 @@ async def root(request: Request) -> Response:
 @router.get("/health", summary="Readiness: 200 when ready, 503 with the reason otherwise",
             responses={503: ERROR_RESPONSES[503]})
 async def health(request: Request) -> Response:
-    ready, reason, _ = await backend_of(request).health()
-    if ready:
+    health = await backend_of(request).health()
+    if health.ready:
         return json_response({"status": "ok"})
-    code = "model_loading" if reason.startswith("loading") else "backend_unavailable"
-    body = error_body(reason, "service_unavailable_error", None, code)
-    body["status"] = "loading" if code == "model_loading" else "unavailable"
+    loading = health.state is HealthState.LOADING
+    body = error_body(health.reason, "service_unavailable_error", None,
+                      "model_loading" if loading else "backend_unavailable")
+    body["status"] = health.state.value
     return json_response(body, status=503)
 
 
 @router.get("/api/health", summary="Health of each backend (the seed's shape)")
 async def api_health(request: Request) -> Response:
     backend = backend_of(request)
-    ready, _, detail = await backend.health()
-    status = "healthy" if ready else ("loading" if detail.get("available") else "unhealthy")
+    health = await backend.health()
+    status = "healthy" if health.ready else (
+        "loading" if health.detail.get("available") else "unhealthy")
     return json_response({"status": status, "backend": backend.name,
-                          "backends": {"llamacpp": detail}})
+                          "backends": {"llamacpp": health.detail}})
 
 
 @router.get("/api/backend/info", summary="Engine facts and default/loaded model details")
@@ -90,39 +92,42 @@ async def get_model(model: str, request: Request) -> Response:
     for card in listing["data"]:
         if card["id"] == model or model in (card.get("meta") or {}).get("aliases", []):
             return json_response(card)
-    from .errors import model_not_found
-
     raise model_not_found(model)
-
-
-def _note_model(request: Request, model: str) -> None:
-    request.state.model = model
 
 
 @router.post("/v1/chat/completions", summary="Chat completion (stream with \"stream\": true)",
              responses={200: {"model": ChatCompletion, "content": _SSE_DOC}, **ERROR_RESPONSES})
 async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
-    _note_model(request, req.model)
+    access(request).model = req.model
     return await backend_of(request).chat(req, request)
 
 
 @router.post("/v1/completions", summary="Text completion (stream with \"stream\": true)",
              responses={200: {"model": Completion, "content": _SSE_DOC}, **ERROR_RESPONSES})
 async def completions(req: CompletionRequest, request: Request) -> Response:
-    _note_model(request, req.model)
+    access(request).model = req.model
     return await backend_of(request).completion(req, request)
 
 
 @router.post("/v1/embeddings", summary="Embeddings: one mean-pooled vector per input",
              responses={200: {"model": EmbeddingList}, **ERROR_RESPONSES})
 async def embeddings(req: EmbeddingRequest, request: Request) -> Response:
-    _note_model(request, req.model)
+    access(request).model = req.model
     return await backend_of(request).embeddings(req, request)
 
 
 @router.get("/vram", summary="GPU memory: total, used, free (GB) and per-GPU detail")
 async def vram(request: Request) -> Response:
-    return json_response(request.app.state.gpu.snapshot().to_dict())
+    snap = request.app.state.gpu.snapshot()
+    out = snap.to_dict()
+    # Each engine's own VRAM (NVML's per-process accounting) next to the planner's figure.
+    engines = []
+    for pid, facts in backend_of(request).engine_pids().items():
+        used = [p.used_bytes for g in snap.gpus for p in g.processes if p.pid == pid]
+        engines.append({"pid": pid, **facts,
+                        "vram_bytes": sum(u for u in used if u is not None) if used else None})
+    out["engines"] = engines
+    return json_response(out)
 
 
 @router.get("/status", summary="Uptime, loaded models, request counters, GPU summary")
@@ -150,29 +155,13 @@ async def metrics(request: Request) -> Response:
                     media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def _local(request: Request) -> LocalBackend:
-    backend = backend_of(request)
-    if not isinstance(backend, LocalBackend):
-        raise APIError(400, "Loading and unloading are managed by llama-server in this mode.",
-                       code="unsupported_backend")
-    return backend
-
-
 @router.post("/api/models/{model}/load", summary="Load a model now (and plan its offload)",
              responses={404: ERROR_RESPONSES[404], 503: ERROR_RESPONSES[503]})
 async def load_model(model: str, request: Request) -> Response:
-    loaded = await _local(request).manager.load(model)
-    return json_response({"loaded": True, **loaded.status()})
+    return json_response(await backend_of(request).load(model))
 
 
 @router.post("/api/models/{model}/unload", summary="Unload a model and free its memory",
              responses={404: ERROR_RESPONSES[404]})
 async def unload_model(model: str, request: Request) -> Response:
-    manager = _local(request).manager
-    entry = manager.resolve(model)
-    if entry.id not in manager.loaded:
-        return json_response({"unloaded": False, "id": entry.id, "reason": "not loaded"})
-    if not await manager.unload(entry.id, reason="requested"):
-        raise APIError(409, f"Model {entry.id!r} is busy; try again when its requests finish.",
-                       code="model_busy", type="conflict_error")
-    return json_response({"unloaded": True, "id": entry.id})
+    return json_response(await backend_of(request).unload(model))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import struct
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..engine.base import SamplingParams
+from ..config import Settings
+from ..engine.base import SamplingParams, sampling_from
 
 MAX_MESSAGES = 2048
 MAX_STOP = 16
@@ -68,20 +71,9 @@ class _Sampling(_Lenient):
             raise ValueError(f"a stop string may have at most {MAX_STOP_LEN} characters")
         return v
 
-    def sampling(self, max_tokens: int | None = None) -> SamplingParams:
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return SamplingParams(
-            max_tokens=self.max_tokens if self.max_tokens is not None else max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            repeat_penalty=self.repeat_penalty,
-            stop=stop,
-            seed=None if self.seed is None else self.seed % (2**32 - 1),
-        )
+    def sampling(self, settings: Settings | None = None) -> SamplingParams:
+        """This request's sampling, with the server's max_tokens default and cap."""
+        return sampling_from(self.model_dump(), settings.token_limit if settings else None)
 
     @property
     def include_usage(self) -> bool:
@@ -91,9 +83,6 @@ class _Sampling(_Lenient):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
-
-    def sampling(self, max_tokens: int | None = None) -> SamplingParams:
-        return super().sampling(self.max_completion_tokens or max_tokens)
 
     def message_dicts(self) -> list[dict[str, Any]]:
         return [m.model_dump(exclude_none=True) for m in self.messages]
@@ -141,6 +130,19 @@ class EmbeddingRequest(_Lenient):
 
 
 # --- responses (documentation in /openapi.json; handlers build plain dicts) ---------
+
+
+def embedding_list(vectors: list[list[float]], model: str, prompt_tokens: int,
+                   encoding_format: str) -> dict[str, Any]:
+    """The `/v1/embeddings` answer; ``base64`` packs each vector as little-endian float32."""
+    data = []
+    for i, vec in enumerate(vectors):
+        emb: Any = vec
+        if encoding_format == "base64":
+            emb = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
 
 class Usage(BaseModel):

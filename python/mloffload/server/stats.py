@@ -8,6 +8,7 @@ completed, failed, cancelled or rejected; `/status` shows those counters.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,7 +19,15 @@ from prometheus_client.registry import Collector
 
 from ..hardware.gpu import GPUSnapshot
 
-OUTCOMES = ("completed", "failed", "cancelled", "rejected")
+
+class Outcome(enum.StrEnum):
+    """How an inference request ended: exactly one of these, counted once."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -102,14 +111,14 @@ class Stats:
         self.counts.active += 1
         self.active.set(self.counts.active)
 
-    def end(self, outcome: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+    def end(self, outcome: Outcome, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         self.counts.active -= 1
         self.active.set(self.counts.active)
         self.record(outcome, prompt_tokens, completion_tokens)
 
-    def record(self, outcome: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
-        assert outcome in OUTCOMES, outcome
-        setattr(self.counts, outcome, getattr(self.counts, outcome) + 1)
+    def record(self, outcome: Outcome, prompt_tokens: int = 0, completion_tokens: int = 0
+               ) -> None:
+        setattr(self.counts, outcome.value, getattr(self.counts, outcome.value) + 1)
         self.outcomes.labels(outcome).inc()
         if completion_tokens:
             self.counts.tokens_generated += completion_tokens

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import dataclasses
 import logging
+import os
 import threading
 import time
 import uuid
@@ -13,8 +12,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
-import numpy as np
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -25,25 +22,23 @@ from ...engine.base import (
     Embeddings,
     EngineError,
     GenerationResult,
-    SamplingParams,
 )
-from ..backend import ClientGone, unless_disconnected
+from ..backend import ClientGone, Health, HealthState, access, unless_disconnected
 from ..errors import APIError, error_body
 from ..manager import Lease, ModelManager, parse_keep_alive
-from ..schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from ..responses import SSE_HEADERS, json_response
+from ..schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    embedding_list,
+)
 from ..sse import DONE, ChunkTemplate, event
-from ..stats import Stats
+from ..stats import Outcome, Stats
 from .pipe import TokenPipe, pump
 from .runtime import LocalRunner
 
 log = logging.getLogger("mloffload.server")
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def json_response(data: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
-
 
 def engine_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
@@ -99,11 +94,11 @@ class Job:
             error = fut.result()
         r = self.result
         if self.disconnected and (r.finish_reason in (None, FINISH_CANCELLED)):
-            outcome = "cancelled"
+            outcome = Outcome.CANCELLED
         elif error is not None or self.timed_out:
-            outcome = "failed"
+            outcome = Outcome.FAILED
         else:
-            outcome = "completed"
+            outcome = Outcome.COMPLETED
         self.backend.stats.end(outcome, r.prompt_tokens, r.completion_tokens)
 
 
@@ -139,17 +134,17 @@ class LocalBackend:
         try:
             return await unless_disconnected(request, self.manager.acquire(model, ka))
         except APIError as exc:
-            self.stats.record("rejected" if exc.status == 429 else "failed")
+            self.stats.record(Outcome.REJECTED if exc.status == 429 else Outcome.FAILED)
             raise
         except ClientGone:
-            self.stats.record("cancelled")
+            self.stats.record(Outcome.CANCELLED)
             raise
 
     # --- generation -----------------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         messages = req.message_dicts()
-        params = self._capped(req.sampling())
+        params = req.sampling(self.settings)
         if log.isEnabledFor(logging.DEBUG):  # prompt text is logged at debug level only
             log.debug("chat model=%s params=%s messages=%r", req.model, params, messages)
 
@@ -161,7 +156,7 @@ class LocalBackend:
 
     async def completion(self, req: CompletionRequest, request: Request) -> Response:
         prompt = req.prompt_text
-        params = self._capped(req.sampling())
+        params = req.sampling(self.settings)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("completion model=%s params=%s prompt=%r", req.model, params, prompt)
 
@@ -170,12 +165,6 @@ class LocalBackend:
             return lambda: engine.complete(prompt, params, job.result, job.cancel)
 
         return await self._generate(request, req, start, chat=False)
-
-    def _capped(self, params: SamplingParams) -> SamplingParams:
-        """The server's default for requests that name no max_tokens, then its hard cap."""
-        wanted = self.settings.token_limit(params.max_tokens)
-        return params if wanted == params.max_tokens else dataclasses.replace(
-            params, max_tokens=wanted)
 
     async def _generate(
         self,
@@ -218,7 +207,7 @@ class LocalBackend:
             raise APIError(504, f"The request ran longer than {self.settings.request_timeout:g}s "
                            "and was stopped.", code="request_timeout")
         r = job.result
-        _note_tokens(request, r.prompt_tokens, r.completion_tokens)
+        access(request).tokens(r.prompt_tokens, r.completion_tokens)
         finish = r.finish_reason or "stop"
         usage = {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
                  "total_tokens": r.prompt_tokens + r.completion_tokens}
@@ -271,7 +260,7 @@ class LocalBackend:
             if pending:
                 yield pending
             r = job.result
-            _note_tokens(request, r.prompt_tokens, r.completion_tokens)
+            access(request).tokens(r.prompt_tokens, r.completion_tokens)
             if job.timed_out:
                 msg = (f"The request ran longer than {self.settings.request_timeout:g}s "
                        "and was stopped.")
@@ -295,7 +284,7 @@ class LocalBackend:
         n_embd = info.embedding_length if info else 0
         if req.dimensions is not None and req.dimensions != n_embd:
             lease.release()
-            self.stats.record("failed")
+            self.stats.record(Outcome.FAILED)
             raise APIError(400, f"This model's embeddings have {n_embd} dimensions; "
                            f"'dimensions' = {req.dimensions} is not supported.",
                            param="dimensions", code="invalid_value")
@@ -317,39 +306,28 @@ class LocalBackend:
             raise
         if isinstance(out, BaseException):
             raise engine_api_error(out)
-        _note_tokens(request, out.prompt_tokens, 0)
-        data = []
-        for i, vec in enumerate(out.vectors):
-            emb: Any = vec
-            if req.encoding_format == "base64":
-                emb = base64.b64encode(np.asarray(vec, dtype=np.float32).tobytes()).decode()
-            data.append({"object": "embedding", "index": i, "embedding": emb})
-        return json_response({
-            "object": "list", "data": data, "model": req.model,
-            "usage": {"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens},
-        })
+        access(request).tokens(out.prompt_tokens, 0)
+        return json_response(embedding_list(out.vectors, req.model, out.prompt_tokens,
+                                            req.encoding_format))
 
     # --- facts ---------------------------------------------------------------------------
 
     async def models(self) -> dict[str, Any]:
         loaded = set(self.manager.loaded)
-        data = []
-        for e in self.manager.registry.list():
-            meta = e.summary()
-            meta["loaded"] = e.id in loaded
-            data.append({"id": e.id, "object": "model", "created": int(e.mtime),
-                         "owned_by": "ml-offload", "meta": meta})
-        return {"object": "list", "data": data}
+        return {"object": "list",
+                "data": [e.card(loaded=e.id in loaded) for e in self.manager.registry.list()]}
 
-    async def health(self) -> tuple[bool, str, dict[str, Any]]:
+    async def health(self) -> Health:
         facts = self.manager.facts
         if not facts.get("available"):
             reason = str(facts.get("reason"))
-            return False, reason, {"available": False, "ready": False, "details": reason}
+            return Health(HealthState.UNAVAILABLE, reason,
+                          {"available": False, "ready": False, "details": reason})
         loading = self.manager.loading()
         if loading:
             details = f"loading model {', '.join(loading)}"
-            return False, details, {"available": True, "ready": False, "details": details}
+            return Health(HealthState.LOADING, details,
+                          {"available": True, "ready": False, "details": details})
         loaded = list(self.manager.loaded)
         if loaded:
             details = f"llama.cpp in-process is ready; loaded: {', '.join(loaded)}"
@@ -357,7 +335,21 @@ class LocalBackend:
             details = "llama.cpp in-process is ready; models load on demand"
             if self.manager.last_load_error:
                 details += f" (last load failed: {self.manager.last_load_error})"
-        return True, "", {"available": True, "ready": True, "details": details}
+        return Health(HealthState.READY, "", {"available": True, "ready": True,
+                                               "details": details})
+
+    async def load(self, name: str) -> dict[str, Any]:
+        loaded = await self.manager.load(name)
+        return {"loaded": True, **loaded.status()}
+
+    async def unload(self, name: str) -> dict[str, Any]:
+        entry = self.manager.resolve(name)
+        if entry.id not in self.manager.loaded:
+            return {"unloaded": False, "id": entry.id, "reason": "not loaded"}
+        if not await self.manager.unload(entry.id, reason="requested"):
+            raise APIError(409, f"Model {entry.id!r} is busy; try again when its requests "
+                           "finish.", code="model_busy", type="conflict_error")
+        return {"unloaded": True, "id": entry.id}
 
     async def info(self) -> dict[str, Any]:
         default_id = self.manager.registry.default_id()
@@ -385,8 +377,10 @@ class LocalBackend:
     def status(self) -> dict[str, Any]:
         return {"loaded_models": self.manager.status(), "loading": self.manager.loading()}
 
+    def engine_pids(self) -> dict[int, dict[str, Any]]:
+        models = list(self.manager.loaded.values())
+        if not models:
+            return {}
+        return {os.getpid(): {"model": ",".join(m.id for m in models),
+                              "planned_gpu_bytes": sum(m.plan.gpu_bytes for m in models)}}
 
-def _note_tokens(request: Request, prompt_tokens: int, completion_tokens: int) -> None:
-    """For the access log line (see guard.py)."""
-    request.state.prompt_tokens = prompt_tokens
-    request.state.completion_tokens = completion_tokens
