@@ -9,13 +9,15 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from helpers import ServerProcess, free_port
+from llama_server import llama_server_bin
 from nvim_harness import Editor, RecordingProxy, ScriptedSSE, StubServer, chat_params
 
 pytestmark = pytest.mark.timeout(600)
@@ -304,6 +306,51 @@ def test_waiting_in_the_queue_is_shown_and_never_times_out(editor: Factory) -> N
         assert_clean(ed)
     finally:
         script.close()
+
+
+@pytest.fixture(scope="module")
+def one_slot(data_dir: Path) -> Iterator[ServerProcess]:
+    """The real server in managed mode with one slot: a second request waits its turn and
+    is told so (``: queued N``)."""
+    proc = ServerProcess(data_dir, env={"ML_OFFLOAD_N_CTX": "2048",
+                                        "ML_OFFLOAD_BACKEND": "managed",
+                                        "ML_OFFLOAD_PARALLEL": "1",
+                                        "ML_OFFLOAD_LLAMA_SERVER_BIN": str(llama_server_bin())})
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+def test_two_chats_on_the_real_server_wait_their_turn(editor: Factory,
+                                                     one_slot: ServerProcess) -> None:
+    """Bug 3 against the real server: the second chat waits in the server's queue, says
+    "waiting: 0 ahead", and its read timeout (2 s, far less than the wait) does not fire."""
+    server = one_slot
+    ed = editor(api_url=server.url, params=chat_params(200), timeout=2000)
+    model = resolved_id(server.url)
+    ed.nvim.command("MLChat Count from one to one hundred")
+    first = ed.wait(lambda: ed.chats(), what="the first chat")[0]["buf"]
+    ed.wait(lambda: len(so_far(ed.chat_text(first), model)) > 0, timeout=240,
+            what="the first answer to start")
+    ed.keys("<Esc>")
+    ed.nvim.command("MLChat Name three colours")
+    second = ed.wait(lambda: len(ed.chats()) == 2 and ed.chat()["buf"], what="the second")
+    titles: list[str] = []
+
+    def both() -> bool:
+        titles.extend(w["title"] for w in ed.chat(second)["wins"])
+        return len(ed.finished()) >= 2
+
+    ed.wait(both, timeout=300, interval=0.1, what="both answers")
+    assert any("waiting: 0 ahead" in t for t in titles), set(titles)
+    assert "server managed" in titles[-1], titles[-1]
+    for data in ed.finished():
+        assert data["ok"] and data.get("error") is None, data
+    assert so_far(ed.chat_text(second), model)
+    a, b = (win_of(c) for c in ed.chats())
+    assert (a["row"], a["col"]) != (b["row"], b["col"])
+    assert_clean(ed)
 
 
 def test_errors_leave_a_final_state(editor: Factory, server: ServerProcess) -> None:
