@@ -133,15 +133,16 @@ def load(path: Path) -> tuple[ChatMeta, list[str]]:
 
 def listing(folder: Path) -> list[tuple[Path, ChatMeta]]:
     """Every saved chat, the most recently updated first."""
-    out = []
+    found = []
     for path in folder.glob("*" + SUFFIX) if folder.is_dir() else []:
         try:
             meta, _ = load(path)
-        except StoreError:
+            written = path.stat().st_mtime_ns  # orders two saves within one second
+        except (StoreError, OSError):
             continue
-        out.append((path, meta))
-    out.sort(key=lambda item: item[1].updated or item[1].created, reverse=True)
-    return out
+        found.append(((meta.updated or meta.created, written), path, meta))
+    found.sort(key=lambda item: item[0], reverse=True)
+    return [(path, meta) for _, path, meta in found]
 
 
 def delete(path: Path) -> None:
