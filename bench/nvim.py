@@ -320,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="ml-offload data dir with the default model (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_shared_args(parser, argv, "nvim")
 
     from mloffload.models.catalog import ensure_embedded_model
@@ -348,7 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.stop()
     version = subprocess.run([nvim_binary(), "--version"], capture_output=True, text=True,
                              check=False).stdout.split("\n", 1)[0]
-    result = {"date": now_iso(), "command": command_line(argv), "machine": machine,
+    result = {"date": now_iso(), "command": command_line(["bench/nvim.py", *argv]),
+              "machine": machine,
               "nvim": version, "server_threads": args.server_threads,
               "startup": startup_result, "rpc": rpc_result, "first_answer": first}
     write_json(args.out / "nvim.json", result)

@@ -91,14 +91,18 @@ def test_setup_checks_types_and_sets_default_highlights(editor: Factory) -> None
     ed.lua("require('ml-offload').setup({ diff = { keymaps = { reject = { 'x' } } } })")
     assert ed.lua("return require('ml-offload.config').get().diff.keymaps.reject") == ["x"]
     assert ed.lua("return require('ml-offload.config').get().diff.keymaps.accept") == "ga"
-    for group, link in (("MLOffloadNormal", "NormalFloat"), ("MLOffloadBorder", "FloatBorder"),
-                        ("MLOffloadTitle", "FloatTitle"), ("MLOffloadError",
-                                                           "DiagnosticError")):
-        assert ed.nvim.api.get_hl(0, {"name": group})["link"] == link
-    # default = true: the user's own colours win, before or after setup().
+    # The groups are set when the first window opens; the user's own colours win.
     ed.nvim.command("highlight MLOffloadTitle guifg=#ff0000")
-    ed.lua("require('ml-offload').setup({})")
+    ed.nvim.command("MLChatNew")
+    ed.wait(lambda: ed.chats(), what="a chat window")
+    for group, link in (("MLOffloadNormal", "NormalFloat"), ("MLOffloadBorder", "FloatBorder"),
+                        ("MLOffloadWaiting", "DiagnosticWarn"), ("MLOffloadError",
+                                                                 "DiagnosticError")):
+        assert ed.nvim.api.get_hl(0, {"name": group})["link"] == link
     assert ed.nvim.api.get_hl(0, {"name": "MLOffloadTitle"}).get("fg") == 0xFF0000
+    assert "FloatTitle:MLOffloadTitle" in ed.lua("return vim.wo.winhighlight")
+    ed.nvim.command("colorscheme default")  # clears the groups; they come back
+    assert ed.nvim.api.get_hl(0, {"name": "MLOffloadNormal"})["link"] == "NormalFloat"
     assert_clean(ed)
 
 

@@ -145,9 +145,15 @@ function H.is_key(value)
   if value == false or type(value) == "string" then
     return true
   end
-  return type(value) == "table" and vim.iter(value):all(function(v)
-    return type(v) == "string"
-  end)
+  if type(value) ~= "table" then
+    return false
+  end
+  for _, v in ipairs(value) do
+    if type(v) ~= "string" then
+      return false
+    end
+  end
+  return true
 end
 
 function H.one_of(choices)

@@ -144,6 +144,7 @@ function H.render(p)
   if not vim.api.nvim_win_is_valid(p.win) then
     return
   end
+  require("ml-offload.highlights").setup()
   local what = p.note ~= "" and p.note or p.state
   local text = string.format("ml-offload · %s · %s", p.title, what):gsub("%%", "%%%%")
   vim.wo[p.win].winbar = string.format(

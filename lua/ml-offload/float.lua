@@ -99,6 +99,7 @@ end
 
 --- Window options every plugin float gets.
 function M.style(win)
+  require("ml-offload.highlights").setup()
   vim.wo[win].wrap = true
   vim.wo[win].linebreak = true
   vim.wo[win].conceallevel = 2

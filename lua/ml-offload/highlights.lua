@@ -29,13 +29,14 @@ end
 
 local done = false
 
---- Once per session: the groups, and again after every :colorscheme.
+--- Once per session (the first window of the plugin): the groups, and again after every
+--- :colorscheme.
 function M.setup()
-  M.apply()
   if done then
     return
   end
   done = true
+  M.apply()
   vim.api.nvim_create_autocmd("ColorScheme", {
     group = vim.api.nvim_create_augroup("ml-offload-highlights", { clear = true }),
     callback = M.apply,

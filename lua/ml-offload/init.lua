@@ -29,14 +29,14 @@ function H.helptags()
   end
 end
 
---- Merge options over the defaults (type-checked), set the global keymaps and the
---- highlight groups. Safe to call again: each call starts from the defaults.
+--- Merge options over the defaults (type-checked) and set the global keymaps. Safe to call
+--- again: each call starts from the defaults. (The highlight groups are set when the first
+--- window of the plugin opens.)
 ---@param opts? MLOffloadConfig
 ---@return table the module
 function M.setup(opts)
   config.setup(opts)
   require("ml-offload.keymaps").apply(config.get().keymaps)
-  require("ml-offload.highlights").setup()
   H.helptags()
   return M
 end

@@ -342,6 +342,7 @@ function M.render(buf)
   if not chat then
     return
   end
+  require("ml-offload.highlights").setup()
   local s = chat.status
   local parts = {}
   for _, part in ipairs({ chat.title or "", s.model or "", s.where or "", s.state or "" }) do
