@@ -1,11 +1,16 @@
-"""The GPU check's driver (issue 3); ``bench/gpu_check.sh`` sets up its environment and runs it.
+"""The GPU check's driver (issues 3, 12, 13); ``bench/gpu_check.sh`` sets up its environment.
 
-On a lent H100/H200 it starts our server with ``n_gpu_layers=auto`` and prints: the offload
-plan, VRAM (our ``/vram`` and nvidia-smi) before load / after load / during generation /
-after unload / after a ``keep_alive: 0`` request, and decode tokens/s on the GPU vs the CPU
-(a second server with ``ML_OFFLOAD_N_GPU_LAYERS=0``) vs raw llama-cpp-python on the GPU
-in a separate process. Without a GPU the same flow runs on the CPU (the plan says 0 layers,
-``/vram`` says unavailable), which is how it is tested here.
+On a lent H100/H200 it smoke-tests the CUDA build (``mloffload doctor``), starts our server
+with ``n_gpu_layers=auto`` — in-process, and in managed mode when a CUDA ``llama-server`` is
+given (``--llama-server-bin``) — and prints: the offload plan (and, managed, the layers
+llama-server's own ``--fit`` picks for the same model and context), VRAM (our ``/vram``,
+per engine process, and nvidia-smi) before load / after load / during generation / after
+unload / after a ``keep_alive: 0`` request, and decode tokens/s on the GPU vs the CPU (a
+second server with ``ML_OFFLOAD_N_GPU_LAYERS=0``) vs raw llama-cpp-python on the GPU in a
+separate process, and against the memory-bandwidth bound (weight bytes read per token ÷ the
+device-to-device copy bandwidth measured in the same call, when PyTorch is there). After an
+unload, VRAM must be back at its baseline within 64 MiB. Without a GPU the same flow runs
+on the CPU (the plan says 0 layers, ``/vram`` says unavailable), which is how it is tested.
 
 Results: printed, and written to ``<out>/gpu_check.json`` and ``<out>/gpu_check.md`` with
 the servers' logs beside them (``--out``, default ``$OUT`` or ``/tmp/gpu-check``).
@@ -108,6 +113,12 @@ def memory_point(label: str, client: httpx.Client | None, url: str | None,
     point["smi_used_mib"] = smi["gpus"][0]["used_mib"] if smi.get("gpus") else None
     point["smi_process_mib"] = next((p["used_mib"] for p in smi.get("processes", [])
                                      if pid is not None and p["pid"] == pid), None)
+    engines = (ours or {}).get("engines") or []
+    point["engines"] = [{"pid": e.get("pid"), "model": e.get("model"),
+                         "vram_mib": None if e.get("vram_bytes") is None
+                         else e["vram_bytes"] / MiB,
+                         "planned_mib": None if e.get("planned_gpu_bytes") is None
+                         else e["planned_gpu_bytes"] / MiB} for e in engines]
     if ours and ours.get("available"):
         point["vram_used_mib"] = ours["used_bytes"] / MiB
         gpu0 = (ours.get("gpus") or [{}])[0]
@@ -120,6 +131,9 @@ def memory_point(label: str, client: httpx.Client | None, url: str | None,
         f" (our pid {fmt(point['smi_process_mib'], 0)}) | /vram used "
         f"{fmt(point['vram_used_mib'], 0):>7} MiB (ours {fmt(point['vram_ours_mib'], 0)})"
         + ("" if ours is None or ours.get("available") else f"  [/vram: {ours.get('reason')}]"))
+    for e in point["engines"]:
+        log(f"       engine pid {e['pid']} ({e['model']}): {fmt(e['vram_mib'], 0)} MiB by NVML, "
+            f"{fmt(e['planned_mib'], 0)} MiB planned")
     return point
 
 
@@ -157,7 +171,7 @@ class Sampler(threading.Thread):
 
 
 def start_server(name: str, model: Path, args: argparse.Namespace, out: Path,
-                 n_gpu_layers: str | None) -> ManagedProcess:
+                 n_gpu_layers: str | None, backend: str = "llamacpp") -> ManagedProcess:
     port = free_port()
     env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("ML_OFFLOAD_")}
     env.update({
@@ -167,8 +181,11 @@ def start_server(name: str, model: Path, args: argparse.Namespace, out: Path,
         "ML_OFFLOAD_N_CTX": str(args.n_ctx),
         "ML_OFFLOAD_THREADS": str(args.threads),
         "ML_OFFLOAD_KEEP_ALIVE": "-1",
+        "ML_OFFLOAD_BACKEND": backend,
         "PYTHONUNBUFFERED": "1",
     })
+    if backend == "managed":
+        env["ML_OFFLOAD_LLAMA_SERVER_BIN"] = str(args.llama_server_bin)
     if n_gpu_layers is not None:
         env["ML_OFFLOAD_N_GPU_LAYERS"] = n_gpu_layers
     return ManagedProcess(f"server-{name}", [sys.executable, "-m", "mloffload.server"],
@@ -238,11 +255,12 @@ def print_plan(plan: Mapping[str, Any] | None, where: str) -> None:
     log(f"  plan ({where}): " + ", ".join(parts) + (f" (+ {extra})" if extra else ""))
 
 
-def gpu_phase(model: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    res: dict[str, Any] = {"memory": []}
+def gpu_phase(model: Path, args: argparse.Namespace, out: Path,
+              backend: str = "llamacpp") -> dict[str, Any]:
+    res: dict[str, Any] = {"memory": [], "backend": backend}
     mem = res["memory"]
     mem.append(memory_point("before the server starts", None, None, None))
-    server = start_server("gpu", model, args, out, args.n_gpu_layers)
+    server = start_server(f"gpu-{backend}", model, args, out, args.n_gpu_layers, backend)
     client = httpx.Client(timeout=httpx.Timeout(300.0, connect=10.0))
     try:
         res["ready_seconds"] = server.wait_ready("/health", timeout=args.ready_timeout)
@@ -297,6 +315,13 @@ def gpu_phase(model: Path, args: argparse.Namespace, out: Path) -> dict[str, Any
         log(f"  unload: {_brief(unload)}")
         time.sleep(1.0)
         mem.append(memory_point("after unload", client, url, pid))
+        before = next((p for p in mem if p["label"].startswith("before load")), None)
+        if before and before.get("smi_used_mib") is not None and \
+                mem[-1].get("smi_used_mib") is not None:
+            res["unload_back_to_baseline_mib"] = mem[-1]["smi_used_mib"] - before["smi_used_mib"]
+            log(f"  after unload vs before load: {res['unload_back_to_baseline_mib']:+.0f} MiB "
+                f"({'within' if abs(res['unload_back_to_baseline_mib']) <= 64 else 'NOT within'}"
+                " 64 MiB)")
         ka = timed_request(client, url + "/v1/completions",
                            body(args, False, max_tokens=32, keep_alive=0))
         deadline = time.monotonic() + 15
@@ -317,6 +342,49 @@ def gpu_phase(model: Path, args: argparse.Namespace, out: Path) -> dict[str, Any
     time.sleep(1.0)
     mem.append(memory_point("after the server exits", None, None, None))
     return res
+
+
+def fit_phase(model: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The layers llama-server's own --fit picks for this model and context."""
+    port = free_port()
+    proc = ManagedProcess("llama-server-fit", [
+        str(args.llama_server_bin), "-m", str(model), "--host", "127.0.0.1", "--port",
+        str(port), "-c", str(args.n_ctx), "--fit", "on", "-t", str(args.threads),
+        "--no-webui"], url=f"http://127.0.0.1:{port}", log_dir=out)
+    try:
+        proc.wait_ready("/health", timeout=args.ready_timeout)
+        text = proc.log_tail(400)
+    finally:
+        proc.stop()
+    layers = [ln.strip() for ln in text.splitlines() if "offloaded" in ln and "layers" in ln]
+    fit = [ln.strip() for ln in text.splitlines() if "fit" in ln.lower()][:12]
+    log(f"  llama-server --fit: {layers[-1] if layers else 'no offload line in its log'}")
+    return {"offload_line": layers[-1] if layers else None, "fit_lines": fit}
+
+
+def bandwidth_gbps() -> float | None:
+    """Device-to-device copy bandwidth (GB/s), with PyTorch if the image has it."""
+    try:
+        import torch  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    reps = 20
+    for _ in range(reps):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n * reps / seconds / 1e9  # a copy reads and writes every byte
 
 
 def cpu_phase(model: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -424,7 +492,20 @@ def report(result: Mapping[str, Any]) -> str:
         lines += ["## VRAM (MiB)", "", md_table(
             ["when", "nvidia-smi used", "nvidia-smi our pid", "/vram used", "/vram ours"],
             rows, ["l", "r", "r", "r", "r"]), ""]
+    mg = result.get("managed") or {}
+    if mg.get("memory"):
+        rows = [[p["label"], fmt(p.get("smi_used_mib"), 0),
+                 ", ".join(f"{e['pid']}: {fmt(e['vram_mib'], 0)} (plan {fmt(e['planned_mib'], 0)})"
+                           for e in p.get("engines", [])) or "-"]
+                for p in mg["memory"]]
+        lines += ["## Managed mode: VRAM (MiB), per engine process", "", md_table(
+            ["when", "nvidia-smi used", "engine pid: NVML (planned)"], rows, ["l", "r", "l"]),
+            "", f"- after unload vs before load: "
+            f"{fmt(mg.get('unload_back_to_baseline_mib'), 0)} MiB (must be within 64)",
+            f"- llama-server --fit: {(result.get('fit') or {}).get('offload_line')}; ours: "
+            f"{(mg.get('plan') or {}).get('n_gpu_layers')} layers", ""]
     speeds = [("ours, GPU (auto layers)", (g.get("speed") or {})),
+              ("ours, managed, GPU", mg.get("speed") or {}),
               ("raw llama-cpp-python, GPU (all layers)", result.get("raw_gpu") or {}),
               ("ours, CPU (0 layers)", (result.get("cpu") or {}).get("speed") or {}),
               ("raw llama-cpp-python, CPU", result.get("raw_cpu") or {})]
@@ -441,6 +522,10 @@ def report(result: Mapping[str, Any]) -> str:
     if gs.get("decode_tps") and rg.get("decode_tps"):
         lines.append(f"- ours vs raw, {where}, decode: "
                      f"{gs['decode_tps'] / rg['decode_tps']:.3f}×")
+    if result.get("bandwidth_bound_tps") and gs.get("decode_tps"):
+        lines.append(f"- decode vs the bandwidth bound ({result['copy_bandwidth_gbps']:.0f} GB/s "
+                     f"copy): {gs['decode_tps'] / result['bandwidth_bound_tps']:.2f} of "
+                     f"{result['bandwidth_bound_tps']:.0f} tok/s")
     for note in result.get("notes", []):
         lines.append(f"\n> {note}")
     return "\n".join(lines) + "\n"
@@ -474,6 +559,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    default=Path(os.environ.get("OUT") or "/tmp/gpu-check"))
     p.add_argument("--work", type=Path, default=Path("/tmp/gpu-check-work"),
                    help="scratch space (the servers' registries)")
+    p.add_argument("--llama-server-bin", type=Path, default=None,
+                   help="a CUDA llama-server: also run managed mode and llama-server's --fit")
     p.add_argument("--raw-worker", help=argparse.SUPPRESS)
     p.add_argument("--n-gpu-layers-raw", type=int, default=0, help=argparse.SUPPRESS)
     return p.parse_args(list(argv))
@@ -506,6 +593,24 @@ def cli(argv: Sequence[str]) -> int:
     except Exception as exc:  # report what broke, then carry on with the other phases
         result["gpu"] = {"error": repr(exc)}
         log(f"  GPU phase failed: {exc!r}")
+    if args.llama_server_bin:
+        log("== managed mode: the model in its own (CUDA) llama-server process")
+        try:
+            result["managed"] = gpu_phase(args.model, args, out, "managed")
+            result["fit"] = fit_phase(args.model, args, out)
+        except Exception as exc:
+            result["managed"] = {"error": repr(exc)}
+            log(f"  managed phase failed: {exc!r}")
+    bw = bandwidth_gbps()
+    result["copy_bandwidth_gbps"] = bw
+    weights = args.model.stat().st_size
+    if bw:
+        bound = bw * 1e9 / weights
+        result["bandwidth_bound_tps"] = bound
+        log(f"== bandwidth: {bw:.0f} GB/s device copy; {weights / MiB:.0f} MiB of weights per "
+            f"token: at most {bound:.0f} tok/s")
+    else:
+        result["notes"].append("no PyTorch with CUDA here: the bandwidth bound was not measured")
     gpu_layers = ((result["gpu"].get("plan") or {}).get("n_gpu_layers") or 0)
     if "raw" not in skip:
         log("== raw llama-cpp-python in a child process (GPU: all layers)")

@@ -4,6 +4,8 @@
 # Needs, beside the checkout (fill both HERE with bench/prepare_gpu_check.sh, then name them
 # in the run's carry: [".gpu", ".whl"]):
 #   .gpu/llama_cpp_python-*-cuda*.tar.xz   the CUDA build of llama-cpp-python (../shared/gpu)
+#   .gpu/llama-server-overlay.tar.xz       llama-server from this machine's build, run on the
+#                                          tarball's CUDA libraries (managed mode)
 #   .gpu/gemma3-270m-kit/                  the model kit (bench/gguf_kit.py): the 253 MB
 #                                          GGUF cannot travel (64 MiB a call), so a
 #                                          shape-faithful copy is rebuilt from it
@@ -130,6 +132,24 @@ print(llama_cpp.llama_print_system_info().decode(errors="replace").strip())
 EOF
 "$py" -c 'import fastapi, uvicorn, pydantic, orjson, gguf, pynvml, prometheus_client, httpx, mloffload.server.app; print("server imports: ok")' || return 2
 
+step "llama-server (managed mode)"
+server_bin=""
+if [ -f .gpu/llama-server-overlay.tar.xz ]; then
+  dir=$site/llama-server-cuda
+  rm -rf "$dir" && mkdir -p "$dir"
+  tar xJf .gpu/llama-server-overlay.tar.xz -C "$dir"
+  ln -sf libllama-common.so.0 "$dir/libllama-common.so"
+  for lib in "$site"/llama_cpp/lib/*.so*; do ln -sf "$lib" "$dir/"; done
+  if "$dir/llama-server" --list-devices 2>&1 | tee "$out/llama-server-devices.txt"; then
+    server_bin=$dir/llama-server
+  fi
+else
+  echo "no .gpu/llama-server-overlay.tar.xz: managed mode is not checked"
+fi
+
+smoke_args=""
+[ -n "$server_bin" ] && smoke_args="--llama-server-bin $server_bin"
+
 step "model"
 model=${GPU_CHECK_MODEL:-}
 note=""
@@ -150,8 +170,16 @@ fi
 [ -n "$note" ] || note="given by GPU_CHECK_MODEL"
 ls -la "$model"; echo "$note"
 
+step "smoke test"
+# shellcheck disable=SC2086
+ML_OFFLOAD_CACHE=$work/cache "$py" -m mloffload doctor --fresh --model "$model" \
+  --data-dir "$work/doctor" $smoke_args || echo "(the smoke test failed: see above)"
+
 step "check"
-"$py" bench/gpu_check.py --model "$model" --model-note "$note" --out "$out" "$@"
+managed_args=()
+[ -n "$server_bin" ] && managed_args=(--llama-server-bin "$server_bin")
+"$py" bench/gpu_check.py --model "$model" --model-note "$note" --out "$out" \
+  "${managed_args[@]}" "$@"
 rc=$?
 step "done (exit $rc)"
 return $rc

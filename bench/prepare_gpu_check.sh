@@ -42,7 +42,7 @@ fi
 ls -la .gpu/"$(basename "$tarball")"
 
 echo "== model kit"
-model=$("$py" -c 'from mloffload.catalog import ensure_embedded_model
+model=$("$py" -c 'from mloffload.models.catalog import ensure_embedded_model
 from mloffload.config import default_data_dir
 print(ensure_embedded_model(default_data_dir()))')
 kit=.gpu/gemma3-270m-kit
@@ -52,6 +52,19 @@ else
   rm -rf "$kit"
   "$py" bench/gguf_kit.py make "$model" "$kit"
 fi
+
+echo "== llama-server overlay (managed mode on the device)"
+# llama-server and its own two libraries from this machine's build; on the device they sit
+# beside the CUDA tarball's libllama/libggml*/libmtmd (same llama.cpp commit), which gives a
+# CUDA llama-server without building CUDA twice. Built here without AMX code.
+build_dir=$("$py" python/mloffload/engine/build.py build)
+tmp_overlay=$(mktemp -d)
+for f in llama-server libllama-server-impl.so libllama-common.so.0; do
+  cp -L "$build_dir/bin/$f" "$tmp_overlay/"
+done
+tar cJf .gpu/llama-server-overlay.tar.xz -C "$tmp_overlay" .
+rm -rf "$tmp_overlay"
+ls -la .gpu/llama-server-overlay.tar.xz
 
 echo "== wheels for Python $pyver (manylinux x86_64)"
 reqs=$("$py" - "$pyver" "$device_has" <<'EOF'

@@ -34,6 +34,8 @@ let
   } // lib.optionalAttrs (apiKeyFile != null) {
     # The key file is handed over with LoadCredential= (below), so it can stay root-only.
     ML_OFFLOAD_API_KEY_FILE = "%d/api-key";
+  } // lib.optionalAttrs (cfg.llamaServerBin != null) {
+    ML_OFFLOAD_LLAMA_SERVER_BIN = toString cfg.llamaServerBin;
   } // lib.optionalAttrs (upstreamKeyFile != null) {
     ML_OFFLOAD_LLAMACPP_API_KEY_FILE = "%d/llamacpp-api-key";
   };
@@ -129,6 +131,20 @@ in
         service after `llamacppService`; `auto` is `managed` when a llama-server binary is
         at hand (`extraEnvironment.ML_OFFLOAD_LLAMA_SERVER_BIN`, or one on the service's
         PATH), else `llamacpp`.
+      '';
+    };
+
+    llamaServerBin = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = lib.literalExpression ''"''${pkgs.llama-cpp}/bin/llama-server"'';
+      description = ''
+        The llama-server binary that managed mode runs each model with (with `backend =
+        "auto"`, setting it selects managed mode). If it dies with SIGILL on an Intel CPU
+        with AMX, build it with `-mno-amx-tile -mno-amx-int8 -mno-amx-bf16` in the C and C++
+        flags (the README's "Runs on any x86-64 CPU" says why). With
+        `backend = "llama-server"`, the service starts this binary itself on `llamacppUrl`'s
+        port.
       '';
     };
 

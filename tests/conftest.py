@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from helpers import ServerProcess  # noqa: E402
+from llama_server import llama_server_bin  # noqa: E402
 from nvim_harness import Editor, editors, register_plugin  # noqa: E402
 
 
@@ -43,9 +44,30 @@ def server(data_dir: Path) -> Iterator[ServerProcess]:
         proc.stop()
 
 
+@pytest.fixture(scope="session")
+def managed_server(data_dir: Path) -> Iterator[ServerProcess]:
+    """The same, in managed mode: the model runs in its own llama-server process."""
+    proc = ServerProcess(data_dir, env={"ML_OFFLOAD_N_CTX": "2048",
+                                        "ML_OFFLOAD_BACKEND": "managed",
+                                        "ML_OFFLOAD_LLAMA_SERVER_BIN": str(llama_server_bin())})
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
 @pytest.fixture
 def base_url(server: ServerProcess) -> str:
     return server.url
+
+
+@pytest.fixture(params=["llamacpp", "managed"])
+def mode_url(request: pytest.FixtureRequest) -> str:
+    """A test using this runs against both backends that run models themselves."""
+    name = "server" if request.param == "llamacpp" else "managed_server"
+    proc: ServerProcess = request.getfixturevalue(name)
+    return proc.url
 
 
 @pytest.fixture(scope="session")

@@ -55,6 +55,7 @@ CHANGED: dict[str, Any] = {
     "backend": "llama-server",
     "llamacppUrl": "http://127.0.0.1:8081",
     "llamacppApiKeyFile": "/run/secrets/llamacpp-api-key",
+    "llamaServerBin": "/nix/store/0000-llama-cpp/bin/llama-server",
 }
 TOOLS = {"nix-instantiate": "nix-bin", "systemd-analyze": "systemd"}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import ServerProcess, assert_openai_error
+from helpers import ServerProcess, assert_openai_error, wait_for
 
 SHORT = {"ML_OFFLOAD_FIRST_REQUEST_TIMEOUT": "1s", "ML_OFFLOAD_HEADER_TIMEOUT": "1s",
          "ML_OFFLOAD_MAX_CONNECTIONS": "20", "ML_OFFLOAD_N_CTX": "512"}
@@ -55,13 +55,6 @@ def health(url: str) -> int:
     return httpx.get(url + "/health", timeout=30).status_code
 
 
-def wait_until(check: object, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
-
-
 def test_silent_connections_are_closed(edge: ServerProcess) -> None:
     socks = [connect(edge.port) for _ in range(10)]
     try:
@@ -100,7 +93,8 @@ def test_past_the_limit_idle_connections_make_room(edge: ServerProcess) -> None:
     before = edge.log()
     socks = [connect(edge.port) for _ in range(25)]  # the limit is 20
     try:
-        wait_until(lambda: sum(not still_open(s) for s in socks[:5]) == 5)
+        wait_for(lambda: sum(not still_open(s) for s in socks[:5]) == 5,
+                 what="the 5 oldest idle connections to close")
         assert all(still_open(s) for s in socks[5:])
         assert health(edge.url) == 200  # one more makes room again
         log = edge.wait_log("connection limit (20) reached")
@@ -126,7 +120,7 @@ def test_past_the_limit_with_none_idle_a_newcomer_gets_503(data_dir: Path) -> No
         finally:
             for sock in busy:
                 sock.close()
-        wait_until(lambda: health(proc.url) == 200)
+        wait_for(lambda: health(proc.url) == 200, what="/health")
 
 
 def test_the_open_file_limit_caps_connections(data_dir: Path) -> None:

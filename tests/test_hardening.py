@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from helpers import ServerProcess, assert_openai_error
+from helpers import ServerProcess, assert_openai_error, wait_for
 
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]
@@ -92,16 +92,14 @@ def counters(proc: ServerProcess) -> dict[str, int]:
     return dict(httpx.get(proc.url + "/status", timeout=30).json()["requests"])
 
 
-def settle(proc: ServerProcess, check: object, timeout: float = 120.0) -> dict[str, int]:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
+def settle(proc: ServerProcess, check: Callable[[dict[str, int]], bool]) -> dict[str, int]:
+    """The request counters once ``check`` holds for them."""
+    def settled() -> dict[str, int] | None:
         counts = counters(proc)
-        if check(counts):  # type: ignore[operator]
-            return counts
-        assert time.monotonic() < deadline, counts
-        time.sleep(0.1)
+        return counts if check(counts) else None
+
+    return wait_for(settled, timeout=120, what="the request counters",
+                    details=lambda: str(counters(proc)))
 
 
 def test_an_abandoned_embedding_stops_and_frees_its_slot(srv: ServerProcess) -> None:

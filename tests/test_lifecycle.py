@@ -4,7 +4,6 @@ memory given back, and the GPU endpoints' no-GPU answers."""
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import ServerProcess, assert_openai_error, machine_gpu
+from helpers import ServerProcess, assert_openai_error, machine_gpu, model_folder, wait_for
 
 MiB = 1024**2
 
@@ -23,16 +22,7 @@ MiB = 1024**2
 def models_dir(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Path:
     """Two more ids for the same weights (hard links), and one GGUF llama.cpp cannot load."""
     folder = tmp_path_factory.mktemp("models")
-    os.link(model_path, folder / "second.gguf")
-    os.link(model_path, folder / "third.gguf")
-    data = bytearray(model_path.read_bytes()[:4_000_000])
-    i = data.index(b"gemma3")  # general.architecture's value comes first
-    data[i:i + 6] = b"gemmaX"
-    with (folder / "alien.gguf").open("wb") as out, model_path.open("rb") as src:
-        out.write(data)
-        src.seek(len(data))
-        out.write(src.read())
-    return folder
+    return model_folder(folder, model_path, ["second", "third"])
 
 
 def start(data_dir: Path, models_dir: Path, **env: str) -> ServerProcess:
@@ -53,13 +43,6 @@ def chat(url: str, model: str, **extra: Any) -> httpx.Response:
         "model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
         **extra})
 
-
-def wait_for(predicate: Any, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.2)
 
 
 def metric(url: str, name: str, labels: dict[str, str] | None = None) -> float:

@@ -7,8 +7,9 @@ import pytest
 
 
 @pytest.fixture
-def client(base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", timeout=120, max_retries=0)
+def client(mode_url: str) -> openai.OpenAI:
+    """In-process and managed mode alike."""
+    return openai.OpenAI(base_url=mode_url + "/v1", api_key="unused", timeout=120, max_retries=0)
 
 
 def test_models_list(client: openai.OpenAI) -> None:

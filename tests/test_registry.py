@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import ServerProcess, free_port, machine_gpu, stop_process
+from helpers import ServerProcess, free_port, machine_gpu, stop_process, wait_for
 from mloffload.config import settings_from
 from mloffload.models.catalog import CatalogError, open_registry
 from mloffload.models.gguf_info import GGUFError, read_gguf_info
@@ -300,18 +300,14 @@ def test_a_read_only_data_folder_is_served_read_only(public_tmp: Path, data_dir:
 
 
 def wait_until_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    import time
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         assert proc.poll() is None, log.read_text()
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
+            return httpx.get(url + "/health", timeout=2).status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(log.read_text())
+            return False
+
+    wait_for(ready, timeout=120, what="the read-only server", details=log.read_text)
 
 
 @pytest.mark.parametrize("what", ["models", "data"])

@@ -125,7 +125,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from .engine import doctor
 
     settings = _settings(args.server_args)
-    checks = doctor.check_engines(settings, use_cache=not args.fresh)
+    model = Path(args.model) if args.model else None
+    checks = doctor.check_engines(settings, use_cache=not args.fresh, model=model)
     if args.json:
         print(json.dumps([c.to_dict() for c in checks], indent=2))
     else:
@@ -155,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "embedding, in a child process)")
     p_doctor.add_argument("--json", action="store_true", help="print JSON")
     p_doctor.add_argument("--fresh", action="store_true", help="ignore cached results")
+    p_doctor.add_argument("--model", help="smoke-test with this .gguf instead of the "
+                          "embedded Gemma 3 270M")
+    p_doctor.add_argument("--llama-server-bin", help="check this llama-server (as the "
+                          "server setting)")
     p_doctor.set_defaults(func=cmd_doctor)
     sub.add_parser("serve", help="start the server (python -m mloffload.server --help)",
                    add_help=False)
@@ -173,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args_list[1:])
     args = build_parser().parse_args(args_list)
     args.server_args = []
-    for name in ("config", "models_dir", "data_dir"):
+    for name in ("config", "models_dir", "data_dir", "llama_server_bin"):
         value = getattr(args, name, None)
         if value:
             args.server_args += ["--" + name.replace("_", "-"), value]

@@ -351,10 +351,11 @@ def smoke_model(data_dir: Path) -> Path:
     return ensure_embedded_model(data_dir)
 
 
-def check_engines(settings: Any, use_cache: bool = True) -> list[Check]:
+def check_engines(settings: Any, use_cache: bool = True, model: Path | None = None
+                  ) -> list[Check]:
     """Every engine this machine would use: in-process llama.cpp, and llama-server when a
     binary is at hand."""
-    model = smoke_model(settings.data_dir)
+    model = model or smoke_model(settings.data_dir)
     checks = [check_inprocess(model, use_cache)]
     binary, _ = build.find_llama_server(settings.llama_server_bin)
     if binary is not None:

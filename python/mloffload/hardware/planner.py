@@ -37,8 +37,9 @@ class OffloadPlan:
     compute_bytes: int
     margin_bytes: int
     free_vram_bytes: int | None
-    n_ctx: int
+    n_ctx: int  # per request (slot)
     reason: str
+    n_slots: int = 1  # requests decoded at once, each with its own n_ctx of KV cache
 
     @property
     def fits_all(self) -> bool:
@@ -77,12 +78,14 @@ def plan_offload(
     requested: int | None = None,
     offload_supported: bool = True,
     no_gpu_reason: str = "",
+    n_slots: int = 1,
 ) -> OffloadPlan:
-    """Choose ``n_gpu_layers``; ``requested`` (None = auto, -1 = all) is honoured when set."""
+    """Choose ``n_gpu_layers``; ``requested`` (None = auto, -1 = all) is honoured when set.
+    The KV cache counted is ``n_slots`` × ``n_ctx``: every slot can use the whole context."""
     blocks = info.block_count
     max_layers = blocks + 1
     output_bytes = info.output_bytes or info.token_embd_bytes  # tied embeddings are duplicated
-    kv_layer = kv_bytes_per_layer(info, n_ctx)
+    kv_layer = kv_bytes_per_layer(info, n_ctx * n_slots)
 
     def cost(k: int) -> tuple[int, int, int]:
         """(weights on GPU, KV on GPU, compute buffer) with k layers offloaded."""
@@ -92,7 +95,8 @@ def plan_offload(
         weights = sum(info.block_bytes[blocks - on_gpu_blocks :])
         if k > blocks:
             weights += output_bytes
-        return weights, on_gpu_blocks * kv_layer, compute_buffer_bytes(info, n_ctx, k > blocks)
+        return weights, on_gpu_blocks * kv_layer, compute_buffer_bytes(info, n_ctx * n_slots,
+                                                                        k > blocks)
 
     if requested is not None:
         k = max_layers if requested < 0 else min(requested, max_layers)
@@ -143,13 +147,20 @@ def plan_offload(
         free_vram_bytes=free_vram,
         n_ctx=n_ctx,
         reason=reason,
+        n_slots=n_slots,
     )
 
 
 def plan_for_settings(info: GGUFInfo, settings: Settings, snapshot: GPUSnapshot,
-                      offload_supported: bool) -> OffloadPlan:
+                      offload_supported: bool, n_slots: int = 1,
+                      ram_available: int | None = None) -> OffloadPlan:
     """The plan for ``settings`` (context, margin, GPU index, requested layers) on the GPU
-    ``snapshot`` describes; the server's model manager and the plugin's fallback share it."""
+    ``snapshot`` describes; the server's model manager and the plugin's fallback share it.
+
+    With ``n_slots`` > 1 (an engine process decoding requests together) the slots are cut
+    while memory says so: halved until all layers that fit with one slot still fit on the
+    GPU, and until the KV cache of the slots kept on the CPU takes at most a quarter of
+    ``ram_available``."""
     gpu = snapshot.gpu(settings.gpu) if snapshot.available else None
     if snapshot.available and gpu is None:
         reason = f"GPU {settings.gpu} not found ({len(snapshot.gpus)} GPUs present)"
@@ -158,15 +169,33 @@ def plan_for_settings(info: GGUFInfo, settings: Settings, snapshot: GPUSnapshot,
     n_ctx = settings.n_ctx
     if info.context_length:
         n_ctx = min(n_ctx, info.context_length)
-    return plan_offload(
-        info,
-        n_ctx=n_ctx,
-        free_vram=gpu.free_bytes if gpu else None,
-        margin=settings.vram_margin,
-        requested=settings.n_gpu_layers,
-        offload_supported=offload_supported,
-        no_gpu_reason=reason,
-    )
+
+    def plan(slots: int) -> OffloadPlan:
+        return plan_offload(
+            info,
+            n_ctx=n_ctx,
+            free_vram=gpu.free_bytes if gpu else None,
+            margin=settings.vram_margin,
+            requested=settings.n_gpu_layers,
+            offload_supported=offload_supported,
+            no_gpu_reason=reason,
+            n_slots=slots,
+        )
+
+    best = plan(1).n_gpu_layers
+    slots = max(1, n_slots)
+    while slots > 1:
+        candidate = plan(slots)
+        kv_cpu = candidate.kv_bytes_total - candidate.kv_gpu_bytes
+        fits_ram = ram_available is None or kv_cpu <= ram_available // 4
+        if candidate.n_gpu_layers >= best and fits_ram:
+            break
+        slots //= 2
+    chosen = plan(slots)
+    if slots < n_slots:
+        why = f"{slots} of {n_slots} slots: more would not fit"
+        chosen = dataclasses.replace(chosen, reason=f"{chosen.reason}; {why}")
+    return chosen
 
 
 def _mib(n: int) -> int:

@@ -303,16 +303,22 @@ class Registry:
         }
         self._aliases = aliases
 
-    def add_alias(self, alias: str, model_id: str) -> None:
-        """An in-memory alias (e.g. from configuration); it never shadows a real id."""
+    def mark_unusable(self, model_id: str, reason: str) -> None:
+        """Mark a model unusable (its engine keeps failing); kept until its file changes
+        (the next scan reads it again) or ``clear_unusable``."""
         with self._lock:
-            if model_id not in self._entries or alias in self._entries:
-                raise KeyError(alias)
-            self._aliases[alias] = model_id
-            e = self._entries[model_id]
-            self._entries[model_id] = dataclasses.replace(
-                e, aliases=tuple(sorted({*e.aliases, alias}))
-            )
+            self._db.execute("UPDATE models SET usable = 0, reason = ? WHERE id = ?",
+                             (reason, model_id))
+            self._reload()
+
+    def clear_unusable(self, model_id: str) -> None:
+        """Read a model's file again, whatever it was marked."""
+        entry = self._entries.get(model_id)
+        if entry is None:
+            return
+        with self._lock:
+            self._db.execute("UPDATE models SET size = -1 WHERE id = ?", (model_id,))
+        self.register_file(Path(entry.path), entry.source)
 
     def list(self) -> list[ModelEntry]:
         with self._lock:

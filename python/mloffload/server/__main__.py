@@ -35,14 +35,21 @@ def engine_refusal(settings: Settings) -> str:
     before anything is served: an engine that dies with an illegal instruction on the first
     chat must stop the start-up with one clear line instead.
     """
-    if settings.backend not in ("llamacpp", "auto"):
-        return ""
     from ..engine import doctor
+    from .mode import resolve_mode
 
+    mode = resolve_mode(settings)
+    if mode.backend == "llama-server":
+        return ""
     try:
-        check = doctor.check_inprocess(doctor.smoke_model(settings.data_dir))
+        model = doctor.smoke_model(settings.data_dir)
     except CatalogError as exc:
         return str(exc)
+    if mode.backend == "managed":
+        assert mode.binary is not None
+        check = doctor.check_llama_server(mode.binary, model)
+    else:
+        check = doctor.check_inprocess(model)
     return "" if check.ok else check.line
 
 
@@ -54,7 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ml-offload: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.log_json)
-    refusal = engine_refusal(settings)
+    try:
+        refusal = engine_refusal(settings)
+    except ConfigError as exc:
+        refusal = str(exc)
     if refusal:
         print(f"ml-offload: {refusal}", file=sys.stderr)
         return 2  # like a configuration error: restarting would not help
@@ -68,14 +78,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2 if isinstance(exc, NotWritable) else 1
     try:
         app = create_app(settings, registry, close_registry=True)
-        log.info("ml-offload %s backend, default model %s, listening on http://%s:%d",
-                 settings.backend, registry.default_id(), settings.host, settings.port)
-        uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
-                    access_log=False, timeout_graceful_shutdown=5,
-                    http=protocol_class(limits_from(settings)))
+        ports = [settings.port] + ([settings.ollama_port] if settings.ollama_port else [])
+        # The same app on every port (--ollama-port adds Ollama's); each bound as uvicorn would.
+        sockets = [uvicorn.Config(app, host=settings.host, port=port, log_config=None)
+                   .bind_socket() for port in ports]
+        log.info("ml-offload: default model %s, listening on %s", registry.default_id(),
+                 ", ".join(f"http://{settings.host}:{port}" for port in ports))
+        server = uvicorn.Server(uvicorn.Config(
+            app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+            timeout_graceful_shutdown=5, http=protocol_class(limits_from(settings))))
+        server.run(sockets=sockets)
     finally:
         registry.close()
-    return 0
+    return 0 if server.started else 1
 
 
 if __name__ == "__main__":

@@ -21,8 +21,11 @@ from .backend import Backend
 from .docs import docs_page
 from .errors import APIError, error_response, install_error_handlers
 from .guard import Guard
-from .manager import Runtime
+from .mode import resolve_mode
+from .ollama.errors import render_error
+from .ollama.routes import router as ollama_router
 from .routes import router
+from .runner import Runtime
 from .stats import Stats
 
 log = logging.getLogger("mloffload.server")
@@ -46,16 +49,28 @@ class OpenAICORSMiddleware(CORSMiddleware):
 
 def make_backend(settings: Settings, registry: Registry, gpu: GPUProbe, stats: Stats,
                  runtime: Runtime | None = None) -> Backend:
-    """The backend ``settings`` names. ``runtime`` replaces how models run (tests give an
-    engine of their own; the lifecycle, queue and routes stay the real ones)."""
-    if settings.backend == "llama-server" and runtime is None:
+    """The backend ``settings`` name (see server/mode.py). ``runtime`` replaces how models
+    run (tests give an engine of their own; lifecycle, queue and routes stay the real ones)."""
+    from .manager import ModelManager
+
+    mode = resolve_mode(settings)
+    log.info("mode: %s", mode.why)
+    if runtime is None and mode.backend == "llama-server":
         from .upstream.backend import UpstreamBackend
 
         upstream: Backend = UpstreamBackend(settings, registry, stats, gpu)
         return upstream
+    if runtime is None and mode.backend == "managed":
+        from .engines.backend import ManagedBackend
+        from .engines.runtime import EngineRuntime
+
+        assert mode.binary is not None
+        engines = EngineRuntime(settings, gpu, mode.binary, mode.found_in)
+        manager = ModelManager(settings, registry, gpu, stats, engines)
+        managed: Backend = ManagedBackend(settings, manager, stats)
+        return managed
     from .local.backend import LocalBackend
     from .local.runtime import LocalRuntime
-    from .manager import ModelManager
 
     runtime = runtime or LocalRuntime(settings, gpu)
     return LocalBackend(settings, ModelManager(settings, registry, gpu, stats, runtime), stats)
@@ -102,11 +117,12 @@ def create_app(settings: Settings, registry: Registry | None = None,
     async def docs() -> Response:
         return docs_page(app.openapi())
 
-    install_error_handlers(app)
+    install_error_handlers(app, render_error)
     app.include_router(router)
+    app.include_router(ollama_router)
     if settings.cors_origins:
         app.add_middleware(OpenAICORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(Guard, settings=settings, stats=stats)
+    app.add_middleware(Guard, settings=settings, stats=stats, render=render_error)
     return app

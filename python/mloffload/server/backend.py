@@ -12,6 +12,7 @@ from typing import Any, Protocol, TypeVar
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .errors import APIError
 from .errors import ClientGone as ClientGone  # re-exported for backends
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
@@ -76,8 +77,10 @@ class Backend(Protocol):
 
     async def health(self) -> Health: ...
 
-    async def load(self, name: str) -> dict[str, Any]:
-        """Load a model now (`POST /api/models/{id}/load`); the body of the answer."""
+    async def load(self, name: str, keep_alive: float | None = None) -> dict[str, Any]:
+        """Load a model now (`POST /api/models/{id}/load`, Ollama's empty prompt); the body
+        of the answer, with its ``id``. ``keep_alive`` (seconds) replaces the model's own
+        and restarts its timer (0: it unloads as soon as nothing runs on it)."""
         ...
 
     async def unload(self, name: str) -> dict[str, Any]:
@@ -91,6 +94,18 @@ class Backend(Protocol):
     def status(self) -> dict[str, Any]:
         """The backend's part of `/status` (loaded models, upstream, ...)."""
         ...
+
+    def engine_pids(self) -> dict[int, dict[str, Any]]:
+        """The processes that hold models (pid → model and planned GPU bytes), so `/vram`
+        can put NVML's per-process numbers next to the plan."""
+        ...
+
+
+def no_fill_in_middle(model: str) -> APIError:
+    """``suffix`` asks for fill-in-the-middle, which no backend does yet (issue 14)."""
+    return APIError(400, f"The model {model!r} cannot fill in the middle here: 'suffix' is "
+                    "not supported yet. Send the text before the cursor alone as the prompt.",
+                    param="suffix", code="fim_unsupported")
 
 
 async def _wait_disconnect(request: Request) -> None:

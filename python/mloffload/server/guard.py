@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import Settings
 from .backend import AccessInfo
-from .errors import APIError, error_response
+from .errors import APIError, ErrorRenderer, openai_error
 from .stats import Stats
 
 log = logging.getLogger("mloffload.access")
@@ -82,8 +82,10 @@ def _is_json(content_type: str) -> bool:
 
 
 class Guard:
-    def __init__(self, app: ASGIApp, *, settings: Settings, stats: Stats) -> None:
+    def __init__(self, app: ASGIApp, *, settings: Settings, stats: Stats,
+                 render: ErrorRenderer = openai_error) -> None:
         self.app = app
+        self.render = render
         self.api_key = settings.api_key.encode() if settings.api_key else b""
         self.max_body = settings.max_body
         self.hosts = allowed_hosts(settings)
@@ -106,7 +108,7 @@ class Guard:
         try:
             receive = await self._check(scope, receive)
         except APIError as exc:
-            await error_response(exc)(scope, receive, send_wrapper)
+            await self.render(scope.get("path", ""), exc)(scope, receive, send_wrapper)
         else:
             await self.app(app_scope, receive, send_wrapper)
         finally:

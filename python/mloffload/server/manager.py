@@ -12,13 +12,11 @@ requests on it fail on their own, and the next request for the model loads it ag
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any
 
 from ..config import Settings, parse_duration
 from ..engine.base import EngineError
@@ -26,97 +24,11 @@ from ..hardware.gpu import GPUProbe
 from ..hardware.planner import OffloadPlan
 from ..models.registry import ModelEntry, Registry, file_changed
 from .errors import APIError, model_not_found
+from .runner import Runner, Runtime
+from .slots import SlotGate
 from .stats import Stats
 
 log = logging.getLogger("mloffload.manager")
-
-
-class Runner(Protocol):
-    """One loaded model, however it runs."""
-
-    slots: int  # requests it decodes at once
-
-    def describe(self) -> dict[str, Any]:
-        """Its part of the model's `/status` entry (engine facts, process, memory)."""
-        ...
-
-    async def close(self) -> None:
-        """Free everything it holds; for a process, the process has exited on return."""
-        ...
-
-
-class Runtime(Protocol):
-    name: str
-
-    @property
-    def facts(self) -> dict[str, Any]:
-        """What the engine can do (`/api/backend/info` → engine)."""
-        ...
-
-    def plan(self, entry: ModelEntry) -> OffloadPlan: ...
-
-    async def open(self, entry: ModelEntry, plan: OffloadPlan,
-                   on_exit: Callable[[str], None]) -> tuple[Runner, OffloadPlan]:
-        """Load the model; returns it and the plan it really runs with (a load may have
-        been retried with fewer GPU layers). Raises EngineError with the reason when it
-        cannot. ``on_exit`` is called (on the loop) if the runner later dies by itself."""
-        ...
-
-
-class SlotGate:
-    """A FIFO semaphore: ``slots`` holders at once, the rest wait in arrival order."""
-
-    def __init__(self, slots: int) -> None:
-        self.slots = max(1, slots)
-        self.busy = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-
-    def locked(self) -> bool:
-        return self.busy >= self.slots
-
-    @property
-    def waiting(self) -> int:
-        return sum(1 for w in self._waiters if not w.done())
-
-    def ahead_of(self, fut: asyncio.Future[None]) -> int:
-        """How many wait in front of ``fut`` (the position a queued client is shown)."""
-        n = 0
-        for w in self._waiters:
-            if w is fut:
-                return n
-            if not w.done():
-                n += 1
-        return n
-
-    async def acquire(self, on_wait: Callable[[asyncio.Future[None]], None] | None = None
-                      ) -> None:
-        if self.busy < self.slots and not self.waiting:
-            self.busy += 1
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        if on_wait is not None:
-            on_wait(fut)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self.release()  # granted just as it was cancelled: pass the slot on
-            else:
-                self._discard(fut)
-            raise
-
-    def _discard(self, fut: asyncio.Future[None]) -> None:
-        with contextlib.suppress(ValueError):
-            self._waiters.remove(fut)
-
-    def release(self) -> None:
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)  # the slot goes straight to the next in line
-                return
-        self.busy = max(0, self.busy - 1)
 
 
 class LoadedModel:
@@ -199,7 +111,52 @@ def parse_keep_alive(value: str | float | None) -> float | None:
                        code="invalid_value") from None
 
 
+CRASH_LOOP = 3  # failed loads in a row that mark a model unusable
+CRASH_LOOP_REASON = "its engine failed to start"
+
 OnWait = Callable[[int], None]  # told how many wait ahead, while a request is queued
+
+
+class Ticket:
+    """An admitted request on its way to a slot (see ``ModelManager.admit``)."""
+
+    def __init__(self, manager: ModelManager, entry: ModelEntry, keep_alive: float | None
+                 ) -> None:
+        self.manager = manager
+        self.entry = entry
+        self.keep_alive = keep_alive
+        self.admitted = time.monotonic()
+        self._used = False
+
+    async def wait(self, on_wait: OnWait | None = None) -> Lease:
+        assert not self._used, "a ticket is waited on once"
+        self._used = True
+        manager, mid = self.manager, self.entry.id
+        granted = False
+        try:
+            model = await manager._ensure_loaded(self.entry)
+            manager._cancel_unload(model)
+            gate = model.gate
+            await gate.acquire(None if on_wait is None else
+                               lambda fut: manager._tell_position(gate, fut, on_wait))
+            granted = True
+            if mid in manager.loaded:
+                manager.loaded.move_to_end(mid)
+            model.last_used = time.time()
+            waited = time.monotonic() - self.admitted
+            manager.stats.queue_wait.observe(waited)
+            return Lease(manager, model, self.keep_alive, waited)
+        finally:
+            manager.stats.dequeue()
+            if not granted:
+                manager._drop_demand(mid)
+
+    def abandon(self) -> None:
+        """The request left before waiting (its client went away)."""
+        if not self._used:
+            self._used = True
+            self.manager.stats.dequeue()
+            self.manager._drop_demand(self.entry.id)
 
 
 class ModelManager:
@@ -220,6 +177,7 @@ class ModelManager:
         self.crashes: dict[str, int] = {}  # per model: runners that died by themselves
         self.restarts: dict[str, int] = {}  # per model: loads after such a death
         self._crashed: set[str] = set()  # died; the next load counts as a restart
+        self._load_failures: dict[str, int] = {}  # per model: failed loads in a row
 
     # --- facts ------------------------------------------------------------------------
 
@@ -246,14 +204,16 @@ class ModelManager:
 
     # --- admission ----------------------------------------------------------------------
 
-    async def acquire(self, name: str, keep_alive: float | None = None,
-                      on_wait: OnWait | None = None) -> Lease:
-        """Wait for this request's slot on the model, loading it first if needed.
+    def must_wait(self, name: str) -> bool:
+        """Whether a request for ``name`` would queue behind busy slots right now."""
+        entry = self.registry.resolve(name)
+        m = self.loaded.get(entry.id) if entry is not None else None
+        return m is not None and (m.gate.locked() or m.gate.waiting > 0)
 
-        Past the busy slots, ``max_queue`` requests may wait; one more is refused with 429.
-        ``on_wait`` hears how many wait ahead whenever the request has to wait.
-        """
-        arrived = time.monotonic()
+    def admit(self, name: str, keep_alive: float | None = None) -> Ticket:
+        """Let a request in, or refuse it: unknown model (404), unusable (500), queue full
+        (429). Past the busy slots, ``max_queue`` requests may wait. The ticket must then be
+        waited on (``Ticket.wait``) or given up (``Ticket.abandon``)."""
         entry = self.resolve(name)
         mid = entry.id
         m = self.loaded.get(mid)
@@ -271,24 +231,13 @@ class ModelManager:
             )
         self._demand[mid] = self._demand.get(mid, 0) + 1
         self.stats.enqueue()
-        granted = False
-        try:
-            model = await self._ensure_loaded(entry)
-            self._cancel_unload(model)
-            gate = model.gate
-            await gate.acquire(
-                None if on_wait is None else lambda fut: self._tell_position(gate, fut, on_wait))
-            granted = True
-            if mid in self.loaded:
-                self.loaded.move_to_end(mid)
-            model.last_used = time.time()
-            waited = time.monotonic() - arrived
-            self.stats.queue_wait.observe(waited)
-            return Lease(self, model, keep_alive, waited)
-        finally:
-            self.stats.dequeue()
-            if not granted:
-                self._drop_demand(mid)
+        return Ticket(self, entry, keep_alive)
+
+    async def acquire(self, name: str, keep_alive: float | None = None,
+                      on_wait: OnWait | None = None) -> Lease:
+        """Wait for this request's slot on the model, loading it first if needed.
+        ``on_wait`` hears how many wait ahead whenever the request has to wait."""
+        return await self.admit(name, keep_alive).wait(on_wait)
 
     def _tell_position(self, gate: SlotGate, fut: asyncio.Future[None], on_wait: OnWait
                        ) -> None:
@@ -360,11 +309,22 @@ class ModelManager:
             raise APIError(503, f"Model {entry.id!r} is still loading; try again shortly.",
                            code="model_loading", headers={"Retry-After": "5"}) from None
 
-    async def load(self, name: str) -> LoadedModel:
-        """Load without a request (admin endpoint and preload); keep-alive starts at once."""
+    async def load(self, name: str, explicit: bool = False,
+                   keep_alive: float | None = None) -> LoadedModel:
+        """Load without a request (admin endpoint, preload, Ollama's empty prompt); keep-alive
+        starts at once. ``explicit`` (someone asked for it): a model marked unusable after a
+        crash loop is given another chance. ``keep_alive`` replaces the model's own and
+        restarts its timer."""
+        if explicit and (marked := self.registry.resolve(name)) is not None \
+                and not marked.usable and marked.reason.startswith(CRASH_LOOP_REASON):
+            self.registry.clear_unusable(marked.id)
+            self._load_failures.pop(marked.id, None)
         entry = self.resolve(name)
         model = await self._ensure_loaded(entry)
-        if not self._demand.get(model.id) and model.unload_handle is None:
+        if keep_alive is not None:
+            model.keep_alive = keep_alive
+        if not self._demand.get(model.id) and (keep_alive is not None
+                                               or model.unload_handle is None):
             self._schedule_unload(model)
         return model
 
@@ -387,11 +347,19 @@ class ModelManager:
             self.loaded[entry.id] = model
             self.stats.loaded.set(len(self.loaded))
             self.last_load_error = None
+            self._load_failures.pop(entry.id, None)
             if not self._demand.get(entry.id):
                 self._schedule_unload(model)
             return model
         except EngineError as exc:
             self.last_load_error = f"{entry.id}: {exc}"
+            failures = self._load_failures.get(entry.id, 0) + 1
+            self._load_failures[entry.id] = failures
+            if failures >= CRASH_LOOP:
+                reason = (f"{CRASH_LOOP_REASON} {failures} times in a row (last: {exc}); "
+                          "it is used again once its file changes or it is loaded explicitly")
+                self.registry.mark_unusable(entry.id, reason)
+                log.error("model %s marked unusable: %s", entry.id, reason)
             raise APIError(503, f"Model {entry.id!r} failed to load: {exc}",
                            code="model_load_failed") from None
         finally:

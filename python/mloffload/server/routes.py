@@ -11,6 +11,7 @@ from starlette.responses import Response
 from .. import __version__
 from .backend import Backend, HealthState, access
 from .errors import error_body, model_not_found
+from .ollama.routes import ENDPOINTS as OLLAMA_ENDPOINTS
 from .responses import json_response
 from .schemas import (
     ERROR_RESPONSES,
@@ -47,7 +48,7 @@ async def root(request: Request) -> Response:
         "name": "ml-offload",
         "version": __version__,
         "backend": backend_of(request).name,
-        "endpoints": ENDPOINTS,
+        "endpoints": ENDPOINTS + OLLAMA_ENDPOINTS,
         "docs": "/docs",
     })
 
@@ -118,7 +119,16 @@ async def embeddings(req: EmbeddingRequest, request: Request) -> Response:
 
 @router.get("/vram", summary="GPU memory: total, used, free (GB) and per-GPU detail")
 async def vram(request: Request) -> Response:
-    return json_response(request.app.state.gpu.snapshot().to_dict())
+    snap = request.app.state.gpu.snapshot()
+    out = snap.to_dict()
+    # Each engine's own VRAM (NVML's per-process accounting) next to the planner's figure.
+    engines = []
+    for pid, facts in backend_of(request).engine_pids().items():
+        used = [p.used_bytes for g in snap.gpus for p in g.processes if p.pid == pid]
+        engines.append({"pid": pid, **facts,
+                        "vram_bytes": sum(u for u in used if u is not None) if used else None})
+    out["engines"] = engines
+    return json_response(out)
 
 
 @router.get("/status", summary="Uptime, loaded models, request counters, GPU summary")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import struct
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
@@ -75,6 +77,16 @@ class _Sampling(_Lenient):
     stream: bool = False
     stream_options: StreamOptions | None = None
     keep_alive: KeepAlive = None
+    response_format: dict[str, Any] | None = Field(
+        None, description="{'type': 'json_object'} or {'type': 'json_schema', 'json_schema': "
+        "{'schema': ...}}: where the engine can constrain its output (llama-server); refused "
+        "with 400 where it cannot")
+
+    @property
+    def wants_format(self) -> bool:
+        """Whether the answer must follow a format (anything but plain text)."""
+        fmt = self.response_format
+        return fmt is not None and fmt.get("type", "text") != "text"
 
     @field_validator("stop")
     @classmethod
@@ -104,6 +116,8 @@ class CompletionRequest(_Sampling):
     prompt: Text | list[Text] = Field(..., description="one prompt (a list of one is accepted)")
     max_tokens: int | None = Field(16, ge=1, description="capped by the context left")
     echo: bool = False
+    suffix: str | None = Field(None, description="text after the completion (fill in the "
+                               "middle); refused with 400 by models that cannot")
 
     @field_validator("prompt")
     @classmethod
@@ -142,6 +156,19 @@ class EmbeddingRequest(_Lenient):
 
 
 # --- responses (documentation in /openapi.json; handlers build plain dicts) ---------
+
+
+def embedding_list(vectors: list[list[float]], model: str, prompt_tokens: int,
+                   encoding_format: str) -> dict[str, Any]:
+    """The `/v1/embeddings` answer; ``base64`` packs each vector as little-endian float32."""
+    data = []
+    for i, vec in enumerate(vectors):
+        emb: Any = vec
+        if encoding_format == "base64":
+            emb = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
 
 class Usage(BaseModel):

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
+import os
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
-import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -27,11 +26,23 @@ from ...engine.base import (
 from ...logs import log_unexpected
 from ...models.catalog import default_model_problem
 from ...models.registry import file_changed
-from ..backend import ClientGone, Health, HealthState, access, unless_disconnected
+from ..backend import (
+    ClientGone,
+    Health,
+    HealthState,
+    access,
+    no_fill_in_middle,
+    unless_disconnected,
+)
 from ..errors import APIError, error_body
 from ..manager import Lease, ModelManager, parse_keep_alive
 from ..responses import SSE_HEADERS, json_response
-from ..schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from ..schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    embedding_list,
+)
 from ..sse import DONE, ChunkTemplate, event
 from ..stats import Outcome, Stats
 from .pipe import TokenPipe, pump
@@ -182,6 +193,7 @@ class LocalBackend:
     # --- generation -----------------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
+        _refuse_format(req)
         messages = req.message_dicts()
         params = req.sampling(self.settings)
         if log.isEnabledFor(logging.DEBUG):  # prompt text is logged at debug level only
@@ -194,6 +206,9 @@ class LocalBackend:
         return await self._generate(request, req, start, chat=True)
 
     async def completion(self, req: CompletionRequest, request: Request) -> Response:
+        _refuse_format(req)
+        if req.suffix:
+            raise no_fill_in_middle(req.model)
         prompt = req.prompt_text
         params = req.sampling(self.settings)
         if log.isEnabledFor(logging.DEBUG):
@@ -346,16 +361,8 @@ class LocalBackend:
         if isinstance(out, BaseException):
             raise engine_api_error(out)
         access(request).tokens(out.prompt_tokens, 0)
-        data = []
-        for i, vec in enumerate(out.vectors):
-            emb: Any = vec
-            if req.encoding_format == "base64":
-                emb = base64.b64encode(np.asarray(vec, dtype=np.float32).tobytes()).decode()
-            data.append({"object": "embedding", "index": i, "embedding": emb})
-        return json_response({
-            "object": "list", "data": data, "model": req.model,
-            "usage": {"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens},
-        })
+        return json_response(embedding_list(out.vectors, req.model, out.prompt_tokens,
+                                            req.encoding_format))
 
     # --- facts ---------------------------------------------------------------------------
 
@@ -387,8 +394,8 @@ class LocalBackend:
         return Health(HealthState.READY, "", {"available": True, "ready": True,
                                                "details": details})
 
-    async def load(self, name: str) -> dict[str, Any]:
-        loaded = await self.manager.load(name)
+    async def load(self, name: str, keep_alive: float | None = None) -> dict[str, Any]:
+        loaded = await self.manager.load(name, keep_alive=keep_alive)
         return {"loaded": True, **loaded.status()}
 
     async def unload(self, name: str) -> dict[str, Any]:
@@ -426,3 +433,16 @@ class LocalBackend:
     def status(self) -> dict[str, Any]:
         return {"loaded_models": self.manager.status(), "loading": self.manager.loading()}
 
+    def engine_pids(self) -> dict[int, dict[str, Any]]:
+        models = list(self.manager.loaded.values())
+        if not models:
+            return {}
+        return {os.getpid(): {"model": ",".join(m.id for m in models),
+                              "planned_gpu_bytes": sum(m.plan.gpu_bytes for m in models)}}
+
+
+def _refuse_format(req: ChatCompletionRequest | CompletionRequest) -> None:
+    if req.wants_format:
+        raise APIError(400, "The in-process llama.cpp backend cannot constrain its output to "
+                       "JSON ('response_format'); the llama-server and managed backends can.",
+                       param="response_format", code="unsupported_response_format")

@@ -20,7 +20,7 @@ from starlette.responses import Response
 from ...config import Settings
 from ...hardware.gpu import GPUProbe
 from ...models.registry import Registry
-from ..backend import Health, HealthState
+from ..backend import Health, HealthState, no_fill_in_middle
 from ..errors import APIError, model_not_found
 from ..schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from ..stats import Outcome, Stats
@@ -119,7 +119,7 @@ class UpstreamBackend:
     async def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [m.card() for m in await self.catalog(refresh=True)]}
 
-    async def load(self, name: str) -> dict[str, Any]:
+    async def load(self, name: str, keep_alive: float | None = None) -> dict[str, Any]:
         raise APIError(400, "Loading and unloading are managed by llama-server in this mode.",
                        code="unsupported_backend")
 
@@ -131,6 +131,8 @@ class UpstreamBackend:
         return await self._forward("/v1/chat/completions", req, request)
 
     async def completion(self, req: CompletionRequest, request: Request) -> Response:
+        if req.suffix:  # llama-server's /v1/completions would ignore it
+            raise no_fill_in_middle(req.model)
         return await self._forward("/v1/completions", req, request)
 
     async def embeddings(self, req: EmbeddingRequest, request: Request) -> Response:
@@ -187,8 +189,8 @@ class UpstreamBackend:
         }
 
     def status(self) -> dict[str, Any]:
-        loaded = [{"id": m.id, "upstream_id": m.upstream_id, "path": m.path}
-                  for m in self._catalog or []]
+        loaded = [{"id": m.id, "upstream_id": m.upstream_id, "path": m.path,
+                   "n_ctx": m.upstream_meta.get("n_ctx")} for m in self._catalog or []]
         a = self.admission
         out: dict[str, Any] = {
             "loaded_models": loaded,
@@ -200,6 +202,15 @@ class UpstreamBackend:
         if self.supervisor is not None:
             out["supervisor"] = self.supervisor.status()
         return out
+
+
+    def engine_pids(self) -> dict[int, dict[str, Any]]:
+        sup = self.supervisor
+        if sup is None or not sup.running or sup.proc is None:
+            return {}
+        plan = sup.plan
+        return {sup.proc.pid: {"model": sup.model_id,
+                               "planned_gpu_bytes": plan.gpu_bytes if plan else None}}
 
 
 def check_dimensions(req: EmbeddingRequest, n_embd: int | None) -> None:

@@ -184,15 +184,9 @@ class UpstreamClient:
         raise AssertionError("unreachable")
 
     async def get_json(self, path: str, timeout: float = HEALTH_TIMEOUT) -> Any:
-        resp = await self.send("GET", path, timeout=timeout)
-        try:
-            content = await resp.aread()
-        except httpx.HTTPError as exc:
-            raise self.transport_error(exc) from None
-        finally:
-            await resp.aclose()
-        if resp.status_code != 200:
-            raise self.error(resp.status_code, content)
+        status, content = await self.get_status(path, timeout)
+        if status != 200:
+            raise self.error(status, content)
         try:
             return orjson.loads(content)
         except orjson.JSONDecodeError:

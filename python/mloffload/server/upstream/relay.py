@@ -180,8 +180,8 @@ class Forwarder:
             resp = await unless_disconnected(request,
                                              self.client.send("POST", path, body, last=stream))
         except APIError as exc:
-            if exc.code == "upstream_error" and self.explain is not None:
-                exc = await self._broken(exc)
+            if exc.code in ("upstream_error", "backend_unavailable", "upstream_timeout"):
+                exc = await self._broken(exc)  # e.g. the engine died under the request
             self.stats.record(Outcome.REJECTED if exc.status in (429, 503) else Outcome.FAILED)
             turn.end(Outcome.FAILED)
             raise exc from None

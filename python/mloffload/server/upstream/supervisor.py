@@ -1,9 +1,11 @@
 """Start and supervise llama.cpp's own ``llama-server`` (``--llama-server-bin PATH``).
 
-The supervised server gets the registry's default model, the offload planner's ``-ngl``,
-mean-pooled embeddings, and the host and port of ``llamacpp_url``. If it dies it is started
-again, after a pause that doubles with each quick failure (1 s up to 30 s). Its output goes
-to ``<data_dir>/llama-server.log`` (the previous one, past 16 MiB, to ``.log.1``).
+The supervised server gets the registry's default model, the command line of an engine
+process (``server/engines``: the planner's ``-ngl``, ``--parallel`` slots with the full
+context each, mean-pooled embeddings), and the host and port of ``llamacpp_url``. If it
+dies it is started again, after a pause that doubles with each quick failure (1 s up to
+30 s). Its output goes to ``<data_dir>/llama-server.log`` (the previous one, past 16 MiB,
+to ``.log.1``).
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
-import sys
 import time
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -22,6 +22,7 @@ from ...config import ConfigError, Settings
 from ...hardware.gpu import GPUProbe
 from ...hardware.planner import OffloadPlan, plan_for_settings
 from ...models.registry import ModelEntry, Registry
+from ..engines.process import die_with_parent, engine_args
 
 log = logging.getLogger("mloffload.llama_server")
 
@@ -29,16 +30,6 @@ MIN_BACKOFF = 1.0
 MAX_BACKOFF = 30.0
 STABLE_AFTER = 60.0  # a run this long resets the back-off
 LOG_KEEP = 16 * 1024**2
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the supervising process dies, even by SIGKILL."""
-    if sys.platform != "linux":
-        return
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def loopback_port(url: str) -> tuple[str, int]:
@@ -51,29 +42,12 @@ def loopback_port(url: str) -> tuple[str, int]:
 
 
 def plan_for(entry: ModelEntry, settings: Settings, gpu: GPUProbe) -> OffloadPlan:
-    """The offload plan for llama-server's -ngl. Its own build decides what a GPU can do,
-    so any GPU NVML sees counts as usable."""
+    """The offload plan for llama-server's -ngl and slots. Its own build decides what a GPU
+    can do, so any GPU NVML sees counts as usable."""
     assert entry.info is not None
     snap = gpu.snapshot()
-    return plan_for_settings(entry.info, settings, snap, offload_supported=snap.available)
-
-
-def command_line(binary: str, entry: ModelEntry, plan: OffloadPlan, settings: Settings,
-                 host: str, port: int) -> list[str]:
-    args = [binary, "-m", entry.path, "--host", host, "--port", str(port),
-            "-c", str(plan.n_ctx), "-ngl", str(plan.n_gpu_layers),
-            "--embeddings", "--pooling", "mean", "--metrics"]
-    if settings.threads > 0:
-        args += ["-t", str(settings.threads)]
-    if plan.n_gpu_layers > 0:
-        args += ["--main-gpu", str(settings.gpu)]
-    info = entry.info
-    if info is not None and not info.has_chat_template and \
-            (info.architecture or "").startswith("gemma"):
-        # The embedded Gemma 3 base model ships no template; llama-server would use ChatML.
-        # With Jinja on (its default) the name would be read as a template's literal text.
-        args += ["--no-jinja", "--chat-template", "gemma"]
-    return args
+    return plan_for_settings(entry.info, settings, snap, offload_supported=snap.available,
+                             n_slots=settings.parallel)
 
 
 class LlamaServerSupervisor:
@@ -107,8 +81,8 @@ class LlamaServerSupervisor:
                               "default model")
         self.model_id = entry.id
         self.plan = plan_for(entry, self.settings, self.gpu)
-        self.args = command_line(self.binary, entry, self.plan, self.settings,
-                                 self.host, self.port)
+        self.args = engine_args(self.binary, entry, self.plan, self.settings,
+                                self.host, self.port)
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(OSError):
             if self.log_path.stat().st_size > LOG_KEEP:  # keep one previous log, not all
@@ -126,7 +100,7 @@ class LlamaServerSupervisor:
         env = {**os.environ, "LLAMA_API_KEY": key} if key else None
         self.proc = await asyncio.create_subprocess_exec(
             *self.args, stdin=asyncio.subprocess.DEVNULL, stdout=self._log,
-            stderr=asyncio.subprocess.STDOUT, preexec_fn=_die_with_parent, env=env)
+            stderr=asyncio.subprocess.STDOUT, preexec_fn=die_with_parent, env=env)
         self.started_at = time.monotonic()
         log.info("llama-server started (pid %d) on %s:%d", self.proc.pid, self.host, self.port)
 

@@ -1,0 +1,308 @@
+"""Managed mode: each model in its own llama-server process, requests relayed to it.
+
+The model manager owns the lifecycle as for the in-process backend (load on demand, one
+load for concurrent first requests, keep-alive, LRU swap, ``max_queue`` past the busy
+slots); the engine's ``--parallel`` slots decode requests together. Requests are relayed
+with the proxy's relay. An engine that dies costs only the requests on it: each ends at once
+with 502 ``engine_crashed`` (or that error event and ``[DONE]`` in a stream) naming the
+signal or exit status and the end of the engine's log; the next request starts a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+import httpx
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ...config import Settings
+from ..backend import (
+    ClientGone,
+    Health,
+    HealthState,
+    access,
+    no_fill_in_middle,
+    unless_disconnected,
+)
+from ..errors import APIError
+from ..manager import Lease, ModelManager, OnWait, Ticket, parse_keep_alive
+from ..queued import QueuedStream
+from ..responses import json_response
+from ..schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    embedding_list,
+)
+from ..stats import Outcome, Stats
+from ..upstream.backend import check_dimensions
+from ..upstream.relay import Forwarder, request_body
+from .process import EngineProcess
+from .runtime import EngineRuntime
+
+log = logging.getLogger("mloffload.server")
+
+
+class LeaseTurn:
+    """A request's slot on an engine, given back when its answer ends."""
+
+    __slots__ = ("lease",)
+
+    def __init__(self, lease: Lease) -> None:
+        self.lease = lease
+
+    def end(self, outcome: Outcome) -> None:
+        self.lease.release()
+
+
+def engine_of(lease: Lease) -> EngineProcess:
+    runner = lease.model.runner
+    assert isinstance(runner, EngineProcess)
+    return runner
+
+
+class ManagedBackend:
+    name = "managed"
+
+    def __init__(self, settings: Settings, manager: ModelManager, stats: Stats) -> None:
+        self.settings = settings
+        self.manager = manager
+        self.stats = stats
+        runtime = manager.runtime
+        assert isinstance(runtime, EngineRuntime)
+        self.runtime: EngineRuntime = runtime
+        self._preload: asyncio.Task[Any] | None = None
+
+    async def startup(self) -> None:
+        default = self.manager.registry.default_id()
+        if default is not None:
+            self._preload = asyncio.get_running_loop().create_task(self._preload_default(default))
+
+    async def _preload_default(self, model_id: str) -> None:
+        try:
+            await self.manager.load(model_id)
+        except APIError as exc:
+            log.error("preloading the default model failed: %s", exc.message)
+
+    async def shutdown(self) -> None:
+        if self._preload is not None:
+            self._preload.cancel()
+        await self.manager.close()
+
+    # --- requests -------------------------------------------------------------------------
+
+    async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
+        return await self._relay("/v1/chat/completions", req, request)
+
+    async def completion(self, req: CompletionRequest, request: Request) -> Response:
+        if req.suffix:  # llama-server's /v1/completions would ignore it
+            raise no_fill_in_middle(req.model)
+        return await self._relay("/v1/completions", req, request)
+
+    async def embeddings(self, req: EmbeddingRequest, request: Request) -> Response:
+        """One input at a time, one embedding request per engine at a time: llama-server
+        with several slots batches the inputs of a request together, and then one input's
+        vector changes with its neighbours (cosine 0.987 seen here for the embedded Gemma);
+        alone, each is what it is in-process. Between inputs a client that left, or a
+        timeout, stops the work."""
+        lease = await self._lease(request, req.model, parse_keep_alive(req.keep_alive))
+        engine = engine_of(lease)
+        outcome = Outcome.FAILED
+        self.stats.begin()
+        prompt_tokens = 0
+        try:
+            info = lease.model.entry.info
+            check_dimensions(req, info.embedding_length if info else None)
+            assert engine.client is not None
+            vectors: list[list[float]] = []
+            deadline = time.monotonic() + self.settings.request_timeout
+            async with engine.embed_lock:
+                for i, text in enumerate(req.inputs):
+                    if time.monotonic() > deadline:
+                        raise APIError(504, f"The request ran longer than "
+                                       f"{self.settings.request_timeout:g}s and was stopped.",
+                                       code="request_timeout")
+                    vec, n = await unless_disconnected(
+                        request, self._embed_one(engine, lease.model.id, text, i))
+                    vectors.append(vec)
+                    prompt_tokens += n
+            outcome = Outcome.COMPLETED
+        except ClientGone:
+            outcome = Outcome.CANCELLED
+            raise
+        finally:
+            lease.release()
+            access(request).tokens(prompt_tokens, 0)
+            self.stats.end(outcome, prompt_tokens)
+        return json_response(embedding_list(vectors, req.model, prompt_tokens,
+                                            req.encoding_format))
+
+    async def _embed_one(self, engine: EngineProcess, model_id: str, text: str, index: int
+                         ) -> tuple[list[float], int]:
+        assert engine.client is not None
+        body = orjson.dumps({"model": model_id, "input": text})
+        try:
+            resp = await engine.client.send("POST", "/v1/embeddings", body)
+            content = await resp.aread()
+            await resp.aclose()
+        except (APIError, httpx.HTTPError) as exc:
+            why = await engine.died()
+            if why is not None:
+                raise APIError(502, f"The engine of model {model_id!r} died while answering "
+                               f"({why}); the next request starts a new one.",
+                               code="engine_crashed") from None
+            if isinstance(exc, APIError):
+                raise
+            raise engine.client.transport_error(exc) from None
+        if resp.status_code != 200:
+            error = engine.client.error(resp.status_code, content)
+            if "too large to process" in error.message or "larger than the max context" \
+                    in error.message:
+                raise APIError(400, f"input[{index}] is too long for one embedding "
+                               f"({error.message.removeprefix('llama-server: ')})",
+                               param="input", code="context_length_exceeded")
+            raise error
+        data = orjson.loads(content)
+        usage = data.get("usage") or {}
+        return list(data["data"][0]["embedding"]), int(usage.get("prompt_tokens") or 0)
+
+    async def _relay(self, path: str, req: ChatCompletionRequest | CompletionRequest,
+                     request: Request) -> Response:
+        if log.isEnabledFor(logging.DEBUG):  # prompt text is logged at debug level only
+            log.debug("%s model=%s body=%r", path, req.model, req.model_dump(exclude_unset=True))
+        stream = req.stream
+        ka = parse_keep_alive(req.keep_alive)
+        if stream and self.manager.must_wait(req.model):
+            # Queued behind busy slots: answer at once and say where it stands meanwhile.
+            ticket = self._admit(req.model, ka)
+
+            async def start(on_wait: OnWait) -> Response:
+                lease = await self._granted(ticket.wait(on_wait))
+                return await self._send(path, req, request, lease, stream)
+
+            return QueuedStream(start, ticket.abandon)
+        lease = await self._lease(request, req.model, ka)
+        return await self._send(path, req, request, lease, stream)
+
+    def _admit(self, model: str, keep_alive: float | None) -> Ticket:
+        try:
+            return self.manager.admit(model, keep_alive)
+        except APIError as exc:
+            self.stats.record(Outcome.REJECTED if exc.status == 429 else Outcome.FAILED)
+            raise
+
+    async def _granted(self, waiting: Awaitable[Lease]) -> Lease:
+        try:
+            lease: Lease = await waiting
+        except APIError as exc:
+            self.stats.record(Outcome.REJECTED if exc.status == 429 else Outcome.FAILED)
+            raise
+        except asyncio.CancelledError:
+            self.stats.record(Outcome.CANCELLED)
+            raise
+        return lease
+
+    async def _lease(self, request: Request, model: str, keep_alive: float | None) -> Lease:
+        try:
+            return await unless_disconnected(request, self.manager.acquire(model, keep_alive))
+        except APIError as exc:
+            self.stats.record(Outcome.REJECTED if exc.status == 429 else Outcome.FAILED)
+            raise
+        except ClientGone:
+            self.stats.record(Outcome.CANCELLED)
+            raise
+
+    async def _send(self, path: str, req: ChatCompletionRequest | CompletionRequest,
+                    request: Request, lease: Lease, stream: bool) -> Response:
+        engine = engine_of(lease)
+        body = request_body(req, lease.model.id, self.settings)
+        assert engine.client is not None
+
+        async def explain() -> APIError | None:
+            why = await engine.died()
+            if why is None:
+                return None
+            return APIError(502, f"The engine of model {lease.model.id!r} died while "
+                            f"answering ({why}); the next request starts a new one.",
+                            code="engine_crashed")
+
+        forwarder = Forwarder(engine.client, self.stats, self.settings, explain)
+        return await forwarder.forward(path, body, req.model, stream, request,
+                                       LeaseTurn(lease), path)
+
+    # --- models and facts -------------------------------------------------------------------
+
+    async def models(self) -> dict[str, Any]:
+        loaded = set(self.manager.loaded)
+        return {"object": "list",
+                "data": [e.card(loaded=e.id in loaded) for e in self.manager.registry.list()]}
+
+    async def load(self, name: str, keep_alive: float | None = None) -> dict[str, Any]:
+        loaded = await self.manager.load(name, explicit=True, keep_alive=keep_alive)
+        return {"loaded": True, **loaded.status()}
+
+    async def unload(self, name: str) -> dict[str, Any]:
+        entry = self.manager.resolve(name)
+        if entry.id not in self.manager.loaded:
+            return {"unloaded": False, "id": entry.id, "reason": "not loaded"}
+        if not await self.manager.unload(entry.id, reason="requested"):
+            raise APIError(409, f"Model {entry.id!r} is busy; try again when its requests "
+                           "finish.", code="model_busy", type="conflict_error")
+        return {"unloaded": True, "id": entry.id}
+
+    async def health(self) -> Health:
+        loading = self.manager.loading()
+        if loading:
+            details = f"loading model {', '.join(loading)} in its engine process"
+            return Health(HealthState.LOADING, details,
+                          {"available": True, "ready": False, "details": details})
+        loaded = list(self.manager.loaded)
+        if loaded:
+            details = f"engine processes ready; loaded: {', '.join(loaded)}"
+        else:
+            details = "engine processes (llama-server) start on demand"
+            if self.manager.last_load_error:
+                details += f" (last load failed: {self.manager.last_load_error})"
+        return Health(HealthState.READY, "", {"available": True, "ready": True,
+                                               "details": details})
+
+    async def info(self) -> dict[str, Any]:
+        default_id = self.manager.registry.default_id()
+        default = self.manager.registry.get(default_id) if default_id else None
+        plan = None
+        if default is not None and default.usable:
+            plan = self.manager.plan(default).to_dict()
+        s = self.settings
+        return {
+            "backend": self.name,
+            "mode": {"name": "managed", "why": f"llama-server from {self.runtime.found_in}"},
+            "engine": self.manager.facts,
+            "default_model": default.summary() if default else None,
+            "default_plan": plan,
+            "loaded_models": self.manager.status(),
+            "settings": {
+                "n_ctx": s.n_ctx, "parallel": s.parallel,
+                "n_gpu_layers": "auto" if s.n_gpu_layers is None else s.n_gpu_layers,
+                "threads": s.effective_threads, "max_loaded": s.max_loaded,
+                "keep_alive_seconds": s.keep_alive,
+            },
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {"loaded_models": self.manager.status(), "loading": self.manager.loading(),
+                "engines": self.manager.engine_counts(), "checked_at": time.time()}
+
+    def engine_pids(self) -> dict[int, dict[str, Any]]:
+        """pid → the model it serves and the plan's GPU bytes (for /vram)."""
+        out: dict[int, dict[str, Any]] = {}
+        for m in self.manager.loaded.values():
+            runner = m.runner
+            if isinstance(runner, EngineProcess) and runner.alive and runner.pid:
+                out[runner.pid] = {"model": m.id, "planned_gpu_bytes": m.plan.gpu_bytes}
+        return out
