@@ -225,9 +225,7 @@ def _ms(v: float | None) -> float | None:
 
 def get_json(client: httpx.Client, url: str, path: str, method: str = "GET") -> dict[str, Any]:
     try:
-        # The server refuses a POST without a JSON body type (cross-site requests).
-        r = client.request(method, url + path, timeout=300,
-                           json={} if method == "POST" else None)
+        r = client.request(method, url + path, timeout=300)
         data = r.json()
         if not isinstance(data, dict):
             return {"status_code": r.status_code, "body": data}

@@ -199,7 +199,9 @@ def test_dns_rebinding_is_refused(edge: ServerProcess) -> None:
 
 
 def test_a_cross_site_form_cannot_unload(edge: ServerProcess) -> None:
+    # What a browser sends for a page's fetch(url, {method: "POST", mode: "no-cors"}).
     r = httpx.post(edge.url + "/api/models/default/unload", content=b"x", timeout=30,
-                   headers={"Content-Type": "text/plain"})
+                   headers={"Content-Type": "text/plain", "Origin": "https://evil.example",
+                            "Sec-Fetch-Site": "cross-site"})
     assert_openai_error(r, 415, code="unsupported_media_type")
     assert httpx.get(edge.url + "/status", timeout=30).json()["loaded_models"]

@@ -230,17 +230,23 @@ async def test_a_public_bind_with_a_key_checks_no_host(tmp_path: Path) -> None:
         assert r.status_code == 200
 
 
+PAGE = [{"Origin": "https://rebind.attacker.example"}, {"Origin": "null"},
+        {"Sec-Fetch-Site": "cross-site"}]
+
+
+@pytest.mark.parametrize("page", PAGE)
 @pytest.mark.parametrize("headers", [{}, {"Content-Type": "text/plain"},
                                      {"Content-Type": "application/x-www-form-urlencoded"},
                                      {"Content-Type": "multipart/form-data; boundary=x"}])
 @pytest.mark.parametrize("path", ["/api/models/default/unload", "/api/models/default/load",
-                                  CHAT, "/v1/embeddings"])
-async def test_state_changes_need_json_without_a_key(tmp_path: Path, headers: dict[str, str],
-                                                     path: str) -> None:
-    # What a web page can send across origins without a CORS preflight.
+                                  CHAT, "/v1/embeddings", "/api/generate"])
+async def test_a_web_page_cannot_change_state_without_json(
+        tmp_path: Path, page: dict[str, str], headers: dict[str, str], path: str) -> None:
+    # What a web page can make a browser send across origins without a CORS preflight.
     async with fast_app(tmp_path) as fa:
-        r = await fa.client.post(path, headers=headers, content=b"{}" if headers else b"")
-        assert_error(r, 415, "unsupported_media_type")
+        r = await fa.client.post(path, headers={**page, **headers},
+                                 content=b"{}" if headers else b"")
+        assert r.status_code == 415, r.text
         assert (await fa.client.get("/status")).json()["loaded_models"]  # still loaded
 
 
@@ -248,13 +254,21 @@ async def test_state_changes_with_json_or_the_key(tmp_path: Path) -> None:
     async with fast_app(tmp_path) as fa:
         r = await fa.client.post("/api/models/default/unload", json={})
         assert r.json() == {"unloaded": True, "id": "tiny"}
+        # curl and scripts send no Origin: any type, or none, as Ollama's docs do (curl -d).
+        r = await fa.client.post("/api/models/default/load", content=b"",
+                                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 200, r.text
+        assert (await fa.client.post("/api/models/default/unload")).status_code == 200
     async with fast_app(tmp_path / "keyed", api_key="k") as fa:
         key = {"Authorization": "Bearer k"}
         r = await fa.client.post("/api/models/default/unload", headers=key)
         assert r.status_code == 200, r.text
         r = await fa.client.post("/api/models/default/load", headers={
-            **key, "Content-Type": "text/plain"}, content=b"x")
-        assert_error(r, 415, "unsupported_media_type")
+            **key, "Content-Type": "text/plain", "Origin": "https://app.example"}, content=b"x")
+        assert r.status_code == 200, r.text  # the key is the proof
+        r = await fa.client.post(CHAT, headers={**key, "Content-Type": "text/plain"},
+                                 content=b"x")
+        assert_error(r, 415, "unsupported_media_type")  # /v1/ takes JSON only
 
 
 async def test_head_is_get_without_a_body(tmp_path: Path) -> None:

@@ -105,15 +105,14 @@ def test_keep_alive_zero_unloads_and_gives_memory_back(lifecycle_server: ServerP
 
 def test_admin_load_and_unload(lifecycle_server: ServerProcess) -> None:
     url = lifecycle_server.url
-    r = httpx.post(url + "/api/models/second/load", timeout=120, json={})
+    r = httpx.post(url + "/api/models/second/load", timeout=120)
     assert r.status_code == 200 and r.json()["id"] == "second"
     assert loaded_ids(url) == ["second"]
-    r = httpx.post(url + "/api/models/second/unload", timeout=60, json={})
+    r = httpx.post(url + "/api/models/second/unload", timeout=60)
     assert r.json() == {"unloaded": True, "id": "second"}
     assert loaded_ids(url) == []
-    again = httpx.post(url + "/api/models/second/unload", timeout=60, json={})
-    assert again.json()["unloaded"] is False
-    assert_openai_error(httpx.post(url + "/api/models/nope/load", timeout=60, json={}), 404,
+    assert httpx.post(url + "/api/models/second/unload", timeout=60).json()["unloaded"] is False
+    assert_openai_error(httpx.post(url + "/api/models/nope/load", timeout=60), 404,
                         code="model_not_found")
 
 
@@ -168,8 +167,7 @@ def test_health_is_503_while_loading_and_requests_wait(lifecycle_server: ServerP
     assert chat(url, "default").status_code == 200  # "third" is not loaded
     seen: list[dict[str, Any]] = []
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        load = pool.submit(httpx.post, url + "/api/models/third/load", timeout=120,
-                           json={})
+        load = pool.submit(httpx.post, url + "/api/models/third/load", timeout=120)
         waiting = pool.submit(chat, url, "third")  # arrives while "third" is loading
         while not load.done():
             r = httpx.get(url + "/health", timeout=10)

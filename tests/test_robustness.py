@@ -203,8 +203,7 @@ def test_path_like_model_names_are_unknown(srv: ServerProcess, name: str) -> Non
     r = httpx.post(srv.url + "/v1/embeddings", json={"model": name, "input": "x"}, timeout=30)
     assert_openai_error(r, 404, code="model_not_found")
     assert httpx.get(srv.url + "/v1/models/" + name, timeout=30).status_code == 404
-    assert httpx.post(srv.url + f"/api/models/{name}/load", json={},
-                      timeout=30).status_code == 404
+    assert httpx.post(srv.url + f"/api/models/{name}/load", timeout=30).status_code == 404
 
 
 def test_resolving_a_name_never_touches_the_filesystem(tmp_path: Path, model_path: Path) -> None:

@@ -8,10 +8,11 @@ requests to 127.0.0.1):
 - **Host.** On a loopback bind, only requests addressed to a loopback name, the bound
   address or ``--allowed-hosts`` are answered: a page on a name an attacker points at
   127.0.0.1 ("DNS rebinding") sends its own name as Host, and gets a 403.
-- **JSON.** A request that changes state (POST, PUT, PATCH, DELETE) must say
-  ``Content-Type: application/json``: a page cannot send that across origins without a
-  CORS preflight, which is refused unless ``--cors-origins`` names it. With a key, the key
-  is the proof, and a request without a body may omit the header.
+- **JSON.** A request that changes state (POST, PUT, PATCH, DELETE) sent by a browser
+  (it says ``Origin``) must say ``Content-Type: application/json``: a page cannot send that
+  across origins without a CORS preflight, which is refused unless ``--cors-origins`` names
+  it. With a key, the key is the proof. Other clients may send any type (``curl -d`` sends
+  a form type, and Ollama's documentation uses it); ``/v1/`` takes JSON only.
 """
 
 from __future__ import annotations
@@ -57,6 +58,14 @@ def host_name(header: str) -> str:
     if value.count(":") == 1:
         value = value.partition(":")[0]
     return value.rstrip(".")
+
+
+def _from_a_web_page(scope: Scope) -> bool:
+    """Whether a browser sent this on behalf of a page: browsers add ``Origin`` to every
+    request that is not GET or HEAD (``null`` for sandboxed pages), and ``Sec-Fetch-Site``
+    to every request; curl, scripts and editor plugins send neither."""
+    site = _header(scope, b"sec-fetch-site")
+    return _header(scope, b"origin") is not None or site not in (None, "none", "same-origin")
 
 
 def allowed_hosts(settings: Settings) -> frozenset[str] | None:
@@ -146,12 +155,12 @@ class Guard:
         if method not in STATE_CHANGING:
             return receive
         content_type = _header(scope, b"content-type")
-        if content_type is None and not self.api_key:
-            raise APIError(415, f"{method} {path} needs 'Content-Type: application/json' "
-                           "(without an API key, that header is what keeps web pages from "
-                           "sending requests here); with curl: -H 'Content-Type: "
-                           "application/json'.", code="unsupported_media_type")
-        if content_type is not None and not _is_json(content_type):
+        json_body = content_type is not None and _is_json(content_type)
+        if not json_body and not self.api_key and _from_a_web_page(scope):
+            raise APIError(415, f"{method} {path} from a web page needs 'Content-Type: "
+                           "application/json' (or the API key): without it, any page could "
+                           "make a browser send this request.", code="unsupported_media_type")
+        if content_type is not None and not json_body and path.startswith("/v1/"):
             shown = content_type[:100]
             raise APIError(415, f"Unsupported Content-Type {shown!r}; send "
                            "'Content-Type: application/json' with a JSON body.",
