@@ -260,6 +260,9 @@ in
         # Exit status 2 is a configuration error: restarting cannot fix it.
         RestartPreventExitStatus = 2;
         TimeoutStopSec = 20;
+        # Each client connection is an open file; the default soft limit (1024) would cap
+        # the server's own ML_OFFLOAD_MAX_CONNECTIONS (1000) below itself.
+        LimitNOFILE = 65536;
 
         # NVIDIA GPUs: /dev/nvidia0..N, nvidiactl, nvidia-uvm, nvidia-caps. PrivateDevices=
         # would hide them; DevicePolicy=closed keeps /dev/null & co. plus these.

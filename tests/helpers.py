@@ -50,12 +50,19 @@ def stop_process(proc: subprocess.Popen[bytes], grace: float) -> None:
             proc.wait(10)
 
 
+def _limit_files(n: int) -> None:
+    """In the child: soft and hard open-file limit ``n`` (as ``prlimit --nofile=n:n``)."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
 class ServerProcess:
     """``python -m mloffload.server`` in a subprocess, on a free port, logs in a file."""
 
     def __init__(self, data_dir: Path, args: Sequence[str] = (),
                  env: Mapping[str, str] | None = None, port: int | None = None,
-                 module: str = "mloffload.server") -> None:
+                 module: str = "mloffload.server", nofile: int | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir / f"server-{self.port}.log"
@@ -70,6 +77,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, *args],
             env=full_env, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(REPO),
+            preexec_fn=None if nofile is None else lambda: _limit_files(nofile),
         )
 
     def wait_ready(self, timeout: float = 120.0, path: str = "/health",

@@ -110,3 +110,17 @@ def test_server_keeps_serving_after_bad_input(base_url: str) -> None:
     r = httpx.post(base_url + CHAT, json={"messages": USER, "max_tokens": 3}, timeout=60)
     assert r.status_code == 200
     assert r.json()["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("raw", ["NaN", '"nan"', "Infinity", '"-inf"'])
+def test_non_finite_keep_alive_is_400_and_counters_stay_exact(base_url: str, raw: str) -> None:
+    body = '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "keep_alive": ' \
+        + raw + "}"
+    r = httpx.post(base_url + CHAT, content=body.encode(), timeout=60,
+                   headers={"Content-Type": "application/json"})
+    assert_openai_error(r, 400, code="invalid_value", param="keep_alive")
+    before = httpx.get(base_url + "/status", timeout=10).json()["requests"]
+    assert httpx.post(base_url + CHAT, json={"messages": USER, "max_tokens": 2},
+                      timeout=60).status_code == 200
+    after = httpx.get(base_url + "/status", timeout=10).json()["requests"]
+    assert after["active"] == 0 and after["completed"] == before["completed"] + 1

@@ -60,10 +60,20 @@ def test_api_key_file(tmp_path: Path) -> None:
     {"ML_OFFLOAD_PORT": "http"}, {"ML_OFFLOAD_PORT": "70000"},
     {"ML_OFFLOAD_N_GPU_LAYERS": "lots"}, {"ML_OFFLOAD_KEEP_ALIVE": "a while"},
     {"ML_OFFLOAD_BACKEND": "ollama"}, {"ML_OFFLOAD_CONFIG": "/nonexistent.toml"},
+    {"ML_OFFLOAD_KEEP_ALIVE": "nan"}, {"ML_OFFLOAD_KEEP_ALIVE": "inf"},
+    {"ML_OFFLOAD_REQUEST_TIMEOUT": "nan"}, {"ML_OFFLOAD_LOAD_TIMEOUT": "1e999"},
+    {"ML_OFFLOAD_REQUEST_TIMEOUT": "-inf"},
 ])
 def test_bad_values_are_clear_errors(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError):
         load_settings([], environ=env)
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e999", float("nan"),
+                                   float("inf")])
+def test_durations_are_finite(value: str | float) -> None:
+    with pytest.raises(ConfigError, match="not a duration"):
+        parse_duration(value)
 
 
 def test_unknown_file_key(tmp_path: Path) -> None:
@@ -94,3 +104,24 @@ def test_readme_documents_every_option() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for opt in OPTIONS:
         assert f"| `{opt.flag}` | `{opt.env}` |" in readme, opt.name
+
+
+@pytest.mark.parametrize("content", ["", "\n", "   \n\t\n"])
+@pytest.mark.parametrize("option", ["--api-key-file", "--llamacpp-api-key-file"])
+def test_an_empty_key_file_is_refused(tmp_path: Path, content: str, option: str) -> None:
+    key = tmp_path / "key"
+    key.write_text(content)
+    with pytest.raises(ConfigError, match="is empty"):
+        load_settings([option, str(key)], environ={})
+    out = subprocess.run([sys.executable, "-m", "mloffload.server", option, str(key),
+                          "--port", "1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "is empty" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("env", [
+    {"ML_OFFLOAD_MAX_CONNECTIONS": "0"}, {"ML_OFFLOAD_HEADER_TIMEOUT": "0"},
+    {"ML_OFFLOAD_FIRST_REQUEST_TIMEOUT": "-1"}, {"ML_OFFLOAD_MAX_HEADER_SIZE": "10"},
+])
+def test_edge_limits_must_be_usable(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError):
+        load_settings([], environ=env)

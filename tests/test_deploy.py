@@ -500,6 +500,17 @@ def test_contrib_unit_matches_module() -> None:
         assert Path(exec_paths_of(unit)).name in PYPROJECT["project"]["scripts"]
 
 
+def test_units_allow_the_connection_limit() -> None:
+    """Each client connection is an open file: both units raise the open-file limit above
+    the server's default connection limit and the files it keeps for itself."""
+    from mloffload.server.edge import FD_RESERVE
+
+    need = Settings().max_connections + FD_RESERVE
+    contrib = parse_unit(CONTRIB_UNIT.read_text())
+    assert int(values(contrib, "Service", "LimitNOFILE")[0]) >= need
+    assert int(service(module())["serviceConfig"]["LimitNOFILE"]) >= need
+
+
 def exec_paths_of(unit: Unit) -> str:
     (command,) = values(unit, "Service", "ExecStart")
     return command.split()[0]

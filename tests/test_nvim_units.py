@@ -78,6 +78,11 @@ def test_options_come_from_the_lua_defaults(lua_config: dict[str, Any], tmp_path
     assert opts.embed_register == "" and opts.params == {"temperature": 0}
     with pytest.raises(OptionsError, match="fallback_keep_alive"):
         PluginOptions.from_lua({**lua_config, "fallback_keep_alive": "soon"}, environ={})
+    for bad in ("nan", float("inf")):
+        with pytest.raises(OptionsError, match="fallback_keep_alive"):
+            PluginOptions.from_lua({**lua_config, "fallback_keep_alive": bad}, environ={})
+        with pytest.raises(OptionsError, match="timeout"):
+            PluginOptions.from_lua({**lua_config, "timeout": bad}, environ={})
     # Python has no defaults of its own: a missing key is a broken Lua layer, said so.
     without = {k: v for k, v in lua_config.items() if k != "timeout"}
     with pytest.raises(OptionsError, match="'timeout'"):

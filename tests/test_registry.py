@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
-from helpers import machine_gpu
+from helpers import ServerProcess, free_port, machine_gpu, stop_process, wait_for
 from mloffload.config import settings_from
 from mloffload.models.catalog import CatalogError, open_registry
 from mloffload.models.gguf_info import GGUFError, read_gguf_info
@@ -166,3 +169,171 @@ def test_plan_command(tmp_path: Path, data_dir: Path) -> None:
     assert here["n_gpu_layers"] == (19 if offload else 0) and here["reason"]
     missing = _cli("plan", "nope", data_dir=data)
     assert missing.returncode == 1 and "unknown model" in missing.stderr
+
+
+# --- a broken disk: the registry is only a cache of what is on disk --------------------------
+
+
+def prepared_data(tmp_path: Path, data_dir: Path) -> Path:
+    """A data folder holding the embedded model (a hard link) and its checksum stamp."""
+    data = tmp_path / "data"
+    (data / "models").mkdir(parents=True)
+    for src in (data_dir / "models").iterdir():
+        if src.suffix in (".gguf", ".sha256"):
+            os.link(src, data / "models" / src.name)
+    return data
+
+
+def corrupt(kind: str, path: Path) -> None:
+    for suffix in ("-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    if kind == "text":
+        path.write_text("hello\n")
+    elif kind == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2 + 100])
+    elif kind == "zero pages":
+        path.write_bytes(b"\0" * path.stat().st_size)
+    elif kind == "directory":
+        path.unlink()
+        path.mkdir()
+        (path / "something").write_text("x")
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated", "zero pages", "directory"])
+def test_a_corrupt_registry_is_moved_aside_and_rebuilt(
+        tmp_path: Path, data_dir: Path, kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    data = prepared_data(tmp_path, data_dir)
+    settings = settings_from({"data_dir": data})
+    open_registry(settings).close()
+    corrupt(kind, settings.registry_path)
+    with caplog.at_level(logging.WARNING, "mloffload"):
+        reg = open_registry(settings)
+    try:
+        assert reg.resolve("default") is not None
+        assert reg.resolve("default").usable  # type: ignore[union-attr]
+    finally:
+        reg.close()
+    kept = sorted(data.glob("registry.sqlite3.corrupt-*"))
+    assert kept and (kept[0].is_dir() if kind == "directory" else kept[0].is_file()), kept
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(kept[0]) in warnings[0].getMessage(), caplog.text
+    reg = open_registry(settings)  # the rebuilt one is a good registry: no warning again
+    reg.close()
+    assert len(sorted(data.glob("registry.sqlite3.corrupt-*"))) == 1
+
+
+def test_the_server_starts_over_a_corrupt_registry(tmp_path: Path, data_dir: Path) -> None:
+    data = prepared_data(tmp_path, data_dir)
+    (data / "registry.sqlite3").write_text("hello\n")
+    with ServerProcess(data, env={"ML_OFFLOAD_N_CTX": "512"}) as proc:
+        proc.wait_ready()
+        log = proc.log()
+    assert "moved it to" in log and "Traceback" not in log
+
+
+@pytest.fixture
+def public_tmp() -> Iterator[Path]:
+    """A scratch folder that nobody can reach (pytest's own are private to their user)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="ml-offload-ro-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        for p in [path, *path.rglob("*")]:
+            if p.is_dir():
+                p.chmod(0o755)
+        shutil.rmtree(path)
+
+
+def unprivileged(command: list[str]) -> list[str]:
+    """``command`` in a child that file modes bind: root may write anywhere, so the tests
+    run it as nobody when they run as root."""
+    if os.geteuid() != 0:
+        return command
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+
+
+def server_command(data: Path, port: int) -> tuple[list[str], dict[str, str]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_OFFLOAD_")}
+    env.update({"ML_OFFLOAD_DATA_DIR": str(data), "ML_OFFLOAD_PORT": str(port),
+                "ML_OFFLOAD_BACKEND": "llamacpp", "ML_OFFLOAD_N_CTX": "512",
+                "XDG_CACHE_HOME": str(data.parent / "cache"), "PYTHONUNBUFFERED": "1"})
+    return [sys.executable, "-m", "mloffload.server"], env
+
+
+def read_only(path: Path) -> None:
+    for p in [path, *path.rglob("*")]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+
+
+def test_a_read_only_data_folder_is_served_read_only(public_tmp: Path, data_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from mloffload.engine import doctor
+
+    data = prepared_data(public_tmp, data_dir)
+    open_registry(settings_from({"data_dir": data})).close()
+    # The service user's engine check passed before, as it would have on a first start.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(public_tmp / "cache"))
+    assert doctor.check_inprocess(doctor.smoke_model(data)).ok
+    read_only(data)
+    port = free_port()
+    command, env = server_command(data, port)
+    log = public_tmp / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(unprivileged(command), env=env, stdout=out,
+                                stderr=subprocess.STDOUT, cwd="/")
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_until_ready(proc, url, log)
+            r = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+                "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            assert r.status_code == 200, r.text
+        finally:
+            stop_process(proc, grace=15)
+    text = log.read_text()
+    assert "Traceback" not in text, text
+    lines = [line for line in text.splitlines() if "not writable" in line]
+    assert len(lines) == 1 and str(data) in lines[0], text
+
+
+def wait_until_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
+    def ready() -> bool:
+        assert proc.poll() is None, log.read_text()
+        try:
+            return httpx.get(url + "/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ready, timeout=120, what="the read-only server", details=log.read_text)
+
+
+@pytest.mark.parametrize("what", ["models", "data"])
+def test_an_unwritable_folder_on_first_start_is_one_clear_line(public_tmp: Path,
+                                                               what: str) -> None:
+    data = public_tmp / "data"
+    (data / "models").mkdir(parents=True)
+    data.chmod(0o777)
+    read_only(data / "models" if what == "models" else data)
+    command, env = server_command(data, free_port())
+    out = subprocess.run(unprivileged(command), env=env, capture_output=True, text=True,
+                         timeout=120, cwd="/")
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert str(data / "models") in lines[0] and "writable" in lines[0], lines
+
+
+def test_stale_partial_files_are_removed_at_start(tmp_path: Path, data_dir: Path) -> None:
+    from mloffload.models.catalog import ensure_embedded_model
+
+    data = prepared_data(tmp_path, data_dir)
+    target = next((data / "models").glob("*.gguf"))
+    dead = target.with_name(f"{target.name}.partial-{2**22 + 12345}")  # above pid_max
+    alive = target.with_name(f"{target.name}.partial-{os.getpid()}")  # still assembling
+    for partial in (dead, alive):
+        partial.write_bytes(b"\0" * 1024)
+    assert ensure_embedded_model(data) == target
+    assert not dead.exists() and alive.exists()

@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,9 +127,26 @@ FAKE_MODELS = {"object": "list", "data": [{"id": "fake.gguf", "object": "model",
                                            "owned_by": "llamacpp", "meta": {"n_embd": 8}}]}
 
 
+class FakeUpstream(http.server.ThreadingHTTPServer):
+    """The fake llama-server. ``mode`` picks what it does; each test sets its own through
+    ``api_for``, and it is put back afterwards (no state carried between tests)."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), FakeLlamaServer)
+        self.mode = "loading"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
 class FakeLlamaServer(http.server.BaseHTTPRequestHandler):
-    mode = "loading"
+    server: FakeUpstream
     protocol_version = "HTTP/1.1"
+
+    @property
+    def mode(self) -> str:
+        return self.server.mode
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -192,30 +209,40 @@ class FakeLlamaServer(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def fake() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeLlamaServer)
+def fake() -> Iterator[FakeUpstream]:
+    server = FakeUpstream()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield server
     finally:
         server.shutdown()
         server.server_close()
 
 
 @pytest.fixture(scope="module")
-def fake_proxy(data_dir: Path, fake: str) -> Iterator[ServerProcess]:
-    with ServerProcess(data_dir, env=proxy_env(fake)) as proc:
+def fake_proxy(data_dir: Path, fake: FakeUpstream) -> Iterator[ServerProcess]:
+    with ServerProcess(data_dir, env=proxy_env(fake.url)) as proc:
         yield proc.wait_ready(path="/api/health")
 
 
-def fake_api(fake_proxy: ServerProcess, mode: str) -> httpx.Client:
-    FakeLlamaServer.mode = mode
-    return httpx.Client(base_url=fake_proxy.url, timeout=60)
+ApiFor = Callable[[str], httpx.Client]
 
 
-def test_loading_upstream_is_503_loading(fake_proxy: ServerProcess) -> None:
-    with fake_api(fake_proxy, "loading") as api:
+@pytest.fixture
+def api_for(fake_proxy: ServerProcess, fake: FakeUpstream) -> Iterator[ApiFor]:
+    """A client of our proxy, with the fake upstream in a mode for this test only."""
+
+    def client(mode: str) -> httpx.Client:
+        fake.mode = mode
+        return httpx.Client(base_url=fake_proxy.url, timeout=60)
+
+    yield client
+    fake.mode = "loading"
+
+
+def test_loading_upstream_is_503_loading(api_for: ApiFor) -> None:
+    with api_for("loading") as api:
         r = api.get("/health")
         assert r.status_code == 503
         assert r.json()["status"] == "loading"
@@ -230,8 +257,8 @@ def test_loading_upstream_is_503_loading(fake_proxy: ServerProcess) -> None:
         assert r.headers["retry-after"]
 
 
-def test_error_event_mid_stream_is_converted(fake_proxy: ServerProcess) -> None:
-    with fake_api(fake_proxy, "error-event") as api, \
+def test_error_event_mid_stream_is_converted(api_for: ApiFor) -> None:
+    with api_for("error-event") as api, \
             api.stream("POST", "/v1/completions", json={"prompt": "x", "stream": True}) as r:
         events = list(sse_events(r))
     assert events[0]["choices"][0]["text"] == "Once"
@@ -242,8 +269,8 @@ def test_error_event_mid_stream_is_converted(fake_proxy: ServerProcess) -> None:
     assert err["message"] == "llama-server: slot crashed" and err["type"] == "server_error"
 
 
-def test_events_split_across_reads_are_relayed_whole(fake_proxy: ServerProcess) -> None:
-    with fake_api(fake_proxy, "split") as api, \
+def test_events_split_across_reads_are_relayed_whole(api_for: ApiFor) -> None:
+    with api_for("split") as api, \
             api.stream("POST", "/v1/completions", json={"prompt": "x", "stream": True}) as r:
         raw = r.read()
     assert raw.endswith(b"data: [DONE]\n\n")
@@ -252,9 +279,10 @@ def test_events_split_across_reads_are_relayed_whole(fake_proxy: ServerProcess) 
     assert {e["model"] for e in events} == {"default"}  # rewritten even when cut mid-field
 
 
-def test_client_leaving_after_done_is_counted_completed(fake_proxy: ServerProcess) -> None:
+def test_client_leaving_after_done_is_counted_completed(api_for: ApiFor,
+                                                       fake_proxy: ServerProcess) -> None:
     before = httpx.get(fake_proxy.url + "/status").json()["requests"]
-    with fake_api(fake_proxy, "linger") as api, \
+    with api_for("linger") as api, \
             api.stream("POST", "/v1/completions", json={"prompt": "x", "stream": True}) as r:
         for line in r.iter_lines():
             if line == "data: [DONE]":
@@ -267,16 +295,16 @@ def test_client_leaving_after_done_is_counted_completed(fake_proxy: ServerProces
     assert delta == {"completed": 1, "cancelled": 0, "failed": 0}, delta
 
 
-def test_stream_ending_without_done_gets_an_error(fake_proxy: ServerProcess) -> None:
-    with fake_api(fake_proxy, "no-done") as api, \
+def test_stream_ending_without_done_gets_an_error(api_for: ApiFor) -> None:
+    with api_for("no-done") as api, \
             api.stream("POST", "/v1/completions", json={"prompt": "x", "stream": True}) as r:
         events = list(sse_events(r))
     assert events[-1] == "[DONE]"
     assert events[-2]["error"]["code"] == "upstream_disconnected"
 
 
-def test_non_json_upstream_error_keeps_its_status(fake_proxy: ServerProcess) -> None:
-    with fake_api(fake_proxy, "html") as api:
+def test_non_json_upstream_error_keeps_its_status(api_for: ApiFor) -> None:
+    with api_for("html") as api:
         err = assert_openai_error(api.post(CHAT, json={"messages": HELLO}), 500)
         assert "proxy says oops" in err["message"]
 

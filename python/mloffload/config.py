@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -44,7 +45,18 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_duration(text: str | float | int) -> float:
-    """Parse ``5m``, ``1h30m``, ``90s``, ``-1`` or a number of seconds. Negative means never."""
+    """Parse ``5m``, ``1h30m``, ``90s``, ``-1`` or a number of seconds. Negative means never.
+
+    Only finite values: ``nan`` or ``inf`` would reach ``loop.call_later`` and break the
+    timers that unload models and end requests."""
+    seconds = _duration(text)
+    if not math.isfinite(seconds):
+        raise ConfigError(f"not a duration: {text!r} (a finite number of seconds, or e.g. "
+                          "30s, 5m, 1h)")
+    return seconds
+
+
+def _duration(text: str | float | int) -> float:
     if isinstance(text, int | float):
         return float(text)
     s = str(text).strip()
@@ -174,8 +186,12 @@ class Settings:
         512, parse_int, "tokens generated when a chat request sets no max_tokens (0: up to "
         "the context)", "N")
     max_tokens: int = setting(
-        0, parse_int, "most tokens any request may generate (0: whatever context is left)",
-        "N")
+        2048, parse_int, "most tokens any request may generate; more is capped to it (0: "
+        "whatever context is left)", "N")
+    embedding_memory: int = setting(
+        128 * 1024**2, parse_size, "memory one embedding request may use for its batch (a "
+        "decoder model computes logits for every token: 8 bytes x vocabulary a token; longer "
+        "inputs take several batches)", "SIZE")
     threads: int = setting(0, parse_int, "CPU threads for llama.cpp (0: half the logical "
                            "CPUs, at least 1)", "N")
     n_gpu_layers: int | None = setting(
@@ -200,12 +216,26 @@ class Settings:
         "DURATION")
     max_body: int = setting(4 * 1024**2, parse_size, "largest request body accepted (413 "
                             "past it)", "SIZE")
+    max_header_size: int = setting(64 * 1024, parse_size, "longest request line and headers "
+                                   "accepted (431 past it)", "SIZE")
+    max_connections: int = setting(
+        1000, parse_int, "client connections held at once; past it the longest idle one is "
+        "closed, or a new one refused (503); fewer if the open-file limit says so", "N")
+    first_request_timeout: float = setting(
+        10.0, parse_duration, "a new connection must send its first request's headers "
+        "within this long", "DURATION")
+    header_timeout: float = setting(
+        10.0, parse_duration, "a later request's headers must arrive within this long of "
+        "its first byte, and a request body may pause no longer", "DURATION")
     api_key: str = setting("", str, "require 'Authorization: Bearer KEY' on every endpoint "
                            "but /health", "KEY")
     allow_unauthenticated: bool = setting(
         False, parse_bool, "allow binding a non-loopback address without an API key", "BOOL")
     cors_origins: tuple[str, ...] = setting((), parse_list, "origins allowed by CORS (off "
                                             "when empty)", "ORIGINS")
+    allowed_hosts: tuple[str, ...] = setting(
+        (), parse_list, "Host names accepted besides loopback ones and --host (against DNS "
+        "rebinding; '*' accepts any)", "HOSTS")
     backend: str = setting(
         "auto", _choice("auto", "managed", "llamacpp", "llama-server"),
         "managed: each model in its own llama-server process; llamacpp: llama.cpp inside "
@@ -341,10 +371,14 @@ def settings_from(values: Mapping[str, Any]) -> Settings:
                 vals[key] = Path(key_file).read_text().strip()
             except OSError as exc:
                 raise ConfigError(f"cannot read {key}_file {key_file}: {exc}") from None
+            if not vals[key]:  # running with no key at all would be the silent result
+                raise ConfigError(f"{key}_file {key_file} is empty; put the key in it, or "
+                                  f"drop {key}_file to run without one")
     if "models_dir" in vals:
         vals["models_dir"] = tuple(Path(p).expanduser() for p in vals["models_dir"])
-    if "cors_origins" in vals:
-        vals["cors_origins"] = tuple(vals["cors_origins"])
+    for key in ("cors_origins", "allowed_hosts"):
+        if key in vals:
+            vals[key] = tuple(vals[key])
     if vals.get("data_dir") is None:
         vals.pop("data_dir", None)
     settings = Settings(**vals)
@@ -368,5 +402,10 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"parallel must be between 1 and 64, not {s.parallel}")
     if s.max_queue < 0:
         raise ConfigError("max_queue must not be negative")
-    if s.request_timeout <= 0:
-        raise ConfigError("request_timeout must be positive")
+    for name in ("request_timeout", "first_request_timeout", "header_timeout"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"{name} must be positive")
+    if s.max_connections < 1:
+        raise ConfigError("max_connections must be at least 1")
+    if s.max_header_size < 1024:
+        raise ConfigError("max_header_size must be at least 1KiB")

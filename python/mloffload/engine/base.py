@@ -21,6 +21,11 @@ class EngineError(RuntimeError):
     """Generation or embedding failed for a reason the client should hear."""
 
 
+class Cancelled(EngineError):
+    """The work stopped because its ``cancel`` event was set (the client left, or its time
+    ran out); what it had done so far is thrown away."""
+
+
 class ContextLengthError(EngineError):
     """The prompt (plus what was asked of the answer) does not fit the context."""
 
@@ -66,6 +71,17 @@ def sampling_from(values: Mapping[str, Any],
     return SamplingParams(**out)
 
 
+def embedding_batch(memory: int, n_vocab: int, longest: int) -> int:
+    """Tokens an embedding evaluates at once within ``memory`` bytes.
+
+    A decoder model computes logits for every token of an embedding batch: 4 bytes per
+    vocabulary entry in the output buffer and as much again in the compute buffer, 2 MiB a
+    token for Gemma 3's 262k vocabulary. An input longer than the batch is evaluated in
+    several, its KV cache carrying the context across."""
+    per_token = 8 * max(1, n_vocab)
+    return max(16, min(longest, memory // per_token))
+
+
 @dataclasses.dataclass
 class GenerationResult:
     """Filled in while a generation runs; final once its iterator is exhausted."""
@@ -100,7 +116,11 @@ class Engine(Protocol):
         cancel: threading.Event,
     ) -> Iterator[str]: ...
 
-    def embed(self, texts: Sequence[str]) -> Embeddings: ...
+    def embed(self, texts: Sequence[str], cancel: threading.Event | None = None
+              ) -> Embeddings:
+        """One mean-pooled, normalised vector per text; raises Cancelled once ``cancel`` is
+        set (checked between inputs, and within one where the engine can)."""
+        ...
 
     def info(self) -> dict[str, Any]: ...
 

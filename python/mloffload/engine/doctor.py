@@ -203,6 +203,9 @@ def check_inprocess(model: Path, use_cache: bool = True) -> Check:
         check = Check(INPROCESS, False, failure_line(INPROCESS, None, stage, ""), {})
         _remember(key, check)
         return check
+    except OSError as exc:  # this Python cannot even be started again (not remembered)
+        return Check(INPROCESS, False, f"{INPROCESS}: cannot start {sys.executable} for the "
+                     f"engine check: {exc.strerror or exc}", {})
     seconds = round(time.monotonic() - started, 2)
     stage = _last_stage(proc.stderr)
     if proc.returncode != 0:

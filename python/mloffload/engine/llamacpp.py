@@ -2,8 +2,13 @@
 
 Generation drives ``Llama.generate`` directly instead of ``create_completion``: pieces come
 from ``llama_token_to_piece`` (what llama.cpp's own server streams), stop strings are
-matched incrementally, and the loop checks the cancel flag between tokens. Embeddings use a
-second small context on the same weights, with mean pooling, so nothing is loaded twice.
+matched incrementally, and the loop checks the cancel flag between tokens. While a prompt
+is evaluated, llama.cpp's abort callback checks it within the batch as well.
+
+Embeddings use a second small context on the same weights, so nothing is loaded twice. A
+decoder model computes logits for every token of an embedding batch (2 MiB a token for
+Gemma 3), so inputs are evaluated in batches sized from ``embedding_memory``, and the
+per-token vectors are mean-pooled here.
 """
 
 from __future__ import annotations
@@ -13,23 +18,26 @@ import ctypes
 import dataclasses
 import gc
 import logging
-import math
 import random
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
+
 from ..models.gguf_info import GGUFInfo
 from .base import (
     FINISH_CANCELLED,
     FINISH_LENGTH,
     FINISH_STOP,
+    Cancelled,
     ContextLengthError,
     Embeddings,
     EngineError,
     GenerationResult,
     SamplingParams,
+    embedding_batch,
 )
 from .build import pinned
 from .chat_format import ChatFormatError, ChatFormatter
@@ -47,6 +55,9 @@ class LlamaCppUnavailable(EngineError):
 _llama_log = logging.getLogger("mloffload.llama_cpp")
 GGML_LOG_LEVEL_ERROR = 4  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
 _log_callback: Any = None
+# Set on a thread whose decode we aborted: llama.cpp then logs its "failed to decode"
+# errors, which are no errors of ours (a client left), so they go to debug.
+_aborting = threading.local()
 
 
 def _route_llama_logs(llama_cpp: Any) -> None:
@@ -61,7 +72,7 @@ def _route_llama_logs(llama_cpp: Any) -> None:
         line = text.decode("utf-8", "replace").rstrip()
         if not line:
             return
-        if level == GGML_LOG_LEVEL_ERROR:
+        if level == GGML_LOG_LEVEL_ERROR and not getattr(_aborting, "active", False):
             _llama_log.error("%s", line)
         else:
             _llama_log.debug("%s", line)
@@ -105,6 +116,42 @@ class LoadOptions:
     main_gpu: int = 0
     # Flash attention: +7% decode on the CPU here, less memory for attention on the GPU.
     flash_attn: bool = True
+    embedding_memory: int = 128 * 1024**2  # see embedding_batch
+
+
+class AbortHook:
+    """llama.cpp's abort callback on one context: a decode stops within a graph node once
+    ``cancel`` is set, instead of after the whole batch (seconds for a long prompt).
+
+    Armed only while a prompt or an embedding is evaluated: llama.cpp calls it once per
+    graph node, which costs about a tenth of the decode speed while a reply is generated.
+    """
+
+    def __init__(self, lib: Any, ctx: Any) -> None:
+        self._lib = lib
+        self._ctx = ctx
+        self._cancel: threading.Event | None = None
+        self._callback = lib.ggml_abort_callback(self._check)  # kept: llama.cpp holds a pointer
+        self._none = lib.ggml_abort_callback()
+        self.armed = False
+
+    def _check(self, _data: Any) -> bool:
+        if self._cancel is not None and self._cancel.is_set():
+            _aborting.active = True
+            return True
+        return False
+
+    def arm(self, cancel: threading.Event) -> None:
+        self._cancel = cancel
+        self._lib.llama_set_abort_callback(self._ctx, self._callback, None)
+        self.armed = True
+
+    def disarm(self) -> None:
+        if self.armed:
+            self._lib.llama_set_abort_callback(self._ctx, self._none, None)
+            self.armed = False
+            self._cancel = None
+        _aborting.active = False
 
 
 class LlamaCppEngine:
@@ -144,8 +191,11 @@ class LlamaCppEngine:
         eos = model.token_get_text(self._llm.token_eos()) if self._llm.token_eos() >= 0 else ""
         self.formatter = ChatFormatter(info.chat_template, info.architecture, bos, eos)
         self._stop_cache: dict[tuple[str, ...], tuple[frozenset[int], tuple[str, ...]]] = {}
+        self._abort = AbortHook(llama_cpp, self._llm._ctx.ctx)
+        self._max_piece = 0  # bytes of the longest token, once a long text needed it
         self._embed_ctx: Any = None
         self._embed_batch: Any = None
+        self._embed_abort: AbortHook | None = None
         self._closed = False
         log.info(
             "loaded %s (%s, n_ctx=%d, n_gpu_layers=%d, chat format %s) in %.2fs",
@@ -155,16 +205,40 @@ class LlamaCppEngine:
 
     # --- prompts ------------------------------------------------------------------
 
-    def _tokenize(self, text: str) -> list[int]:
-        tokens: list[int] = self._llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+    def _max_piece_bytes(self) -> int:
+        if not self._max_piece:
+            lib, buf = self._lib, ctypes.create_string_buffer(1024)
+            self._max_piece = max(
+                abs(lib.llama_token_to_piece(self._vocab, t, buf, 1024, 0, True))
+                for t in range(lib.llama_vocab_n_tokens(self._vocab))) or 1
+        return self._max_piece
+
+    def _tokenize(self, text: str, limit: int, param: str) -> list[int]:
+        """The tokens of ``text``; ContextLengthError at once when its size alone says it
+        has more than ``limit`` (no token holds more than the vocabulary's longest piece),
+        so a megabyte-long prompt is refused without seconds of tokenizing."""
+        data = text.encode("utf-8")
+        if len(data) >= limit:
+            at_least = -(-len(data) // self._max_piece_bytes()) + 1  # and the BOS token
+            if at_least > limit:
+                raise self._too_long(f"at least {at_least}", limit, param)
+        tokens: list[int] = self._llm.tokenize(data, add_bos=True, special=True)
         return tokens
+
+    def _too_long(self, n_tokens: str, limit: int, param: str) -> ContextLengthError:
+        if param.startswith("input"):
+            return ContextLengthError(
+                f"{param} has {n_tokens} tokens; embeddings take at most {limit}", "input")
+        return ContextLengthError(
+            f"This model's maximum context length is {limit} tokens, but the prompt has "
+            f"{n_tokens} tokens. Shorten the {param}.", param)
 
     def _chat_tokens(self, messages: Sequence[dict[str, Any]]) -> tuple[list[int], tuple[str, ...]]:
         try:
             prompt = self.formatter.render(messages)
         except ChatFormatError as exc:
             raise EngineError(str(exc)) from exc
-        return self._tokenize(prompt.text), prompt.stop
+        return self._tokenize(prompt.text, self.n_ctx, "messages"), prompt.stop
 
     def _stop_tokens(self, stops: tuple[str, ...]) -> tuple[frozenset[int], tuple[str, ...]]:
         """Split end-of-turn markers into special-token ids and plain stop strings.
@@ -205,16 +279,13 @@ class LlamaCppEngine:
         result: GenerationResult,
         cancel: threading.Event,
     ) -> Iterator[str]:
-        return self._generate(self._tokenize(prompt), params, (), result, cancel, "prompt")
+        tokens = self._tokenize(prompt, self.n_ctx, "prompt")
+        return self._generate(tokens, params, (), result, cancel, "prompt")
 
     def _budget(self, n_prompt: int, max_tokens: int | None, param: str) -> int:
         left = self.n_ctx - n_prompt
         if left <= 0:
-            raise ContextLengthError(
-                f"This model's maximum context length is {self.n_ctx} tokens, but the prompt "
-                f"has {n_prompt} tokens. Shorten the {param}.",
-                param,
-            )
+            raise self._too_long(str(n_prompt), self.n_ctx, param)
         return left if max_tokens is None else min(max_tokens, left)
 
     def _generate(
@@ -267,8 +338,11 @@ class LlamaCppEngine:
         )
         finish = FINISH_LENGTH
         produced = 0
+        abort = self._abort
+        abort.arm(cancel)  # the generator's first step evaluates the prompt
         try:
             for token in gen:
+                abort.disarm()
                 if cancel.is_set():
                     finish = FINISH_CANCELLED
                     break
@@ -292,7 +366,12 @@ class LlamaCppEngine:
                 if cancel.is_set():
                     finish = FINISH_CANCELLED
                     break
+        except RuntimeError:  # llama_decode returned 2: aborted within the prompt
+            if not cancel.is_set():
+                raise
+            finish = FINISH_CANCELLED
         finally:
+            abort.disarm()
             gen.close()
             result.finish_reason = finish
         if finish != FINISH_CANCELLED and not stops.stopped:
@@ -302,52 +381,88 @@ class LlamaCppEngine:
 
     # --- embeddings ---------------------------------------------------------------
 
-    def _embedding_context(self) -> tuple[Any, Any, int]:
+    def _embedding_context(self) -> tuple[Any, Any, int, int, AbortHook]:
+        """The embedding context: its batch, the longest input and the batch size. Inputs
+        longer than a batch take several, which needs causal attention; a model without it
+        (a BERT-style encoder) gets one batch as long as the longest input."""
         if self._embed_ctx is None:
+            longest = min(self.n_ctx, EMBED_CTX_MAX)
+            size = embedding_batch(self.options.embedding_memory, self._llm.n_vocab(), longest)
+            ctx = self._new_embedding_context(longest, size)
+            if size < longest and not self._causal(ctx):
+                ctx.close()
+                size = longest
+                ctx = self._new_embedding_context(longest, size)
             from llama_cpp import _internals as internals
 
-            lib = self._lib
-            n = min(self.n_ctx, EMBED_CTX_MAX)
-            params = lib.llama_context_default_params()
-            params.n_ctx = n
-            params.n_batch = n
-            params.n_ubatch = n
-            params.n_seq_max = 1
-            params.embeddings = True
-            params.pooling_type = lib.LLAMA_POOLING_TYPE_MEAN
-            threads = self.options.n_threads or self._llm.context_params.n_threads
-            params.n_threads = threads
-            params.n_threads_batch = threads
-            self._embed_ctx = internals.LlamaContext(
-                model=self._llm._model, params=params, verbose=False
-            )
-            self._embed_batch = internals.LlamaBatch(n_tokens=n, embd=0, n_seq_max=1,
+            self._embed_ctx = ctx
+            self._embed_batch = internals.LlamaBatch(n_tokens=size, embd=0, n_seq_max=1,
                                                      verbose=False)
-            self._embed_n = n
-        return self._embed_ctx, self._embed_batch, self._embed_n
+            self._embed_abort = AbortHook(self._lib, ctx.ctx)
+            self._embed_limits = (longest, size)
+            log.debug("embedding context for %s: inputs up to %d tokens, batches of %d",
+                      self.model_id, longest, size)
+        assert self._embed_abort is not None
+        return self._embed_ctx, self._embed_batch, *self._embed_limits, self._embed_abort
 
-    def embed(self, texts: Sequence[str]) -> Embeddings:
-        ctx, batch, limit = self._embedding_context()
+    def _new_embedding_context(self, n_ctx: int, batch: int) -> Any:
+        from llama_cpp import _internals as internals
+
+        lib = self._lib
+        params = lib.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = batch
+        params.n_ubatch = batch
+        params.n_seq_max = 1
+        params.embeddings = True
+        params.pooling_type = lib.LLAMA_POOLING_TYPE_NONE  # pooled here, across batches
+        threads = self.options.n_threads or self._llm.context_params.n_threads
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        return internals.LlamaContext(model=self._llm._model, params=params, verbose=False)
+
+    def _causal(self, ctx: Any) -> bool:
+        # Not wrapped by llama-cpp-python 0.3.36; declared in llama.h.
+        fn = self._lib.llama_cpp._lib.llama_get_causal_attn
+        fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_bool
+        return bool(fn(ctx.ctx))
+
+    def embed(self, texts: Sequence[str], cancel: threading.Event | None = None
+              ) -> Embeddings:
+        cancel = cancel or threading.Event()
+        ctx, batch, longest, size, abort = self._embedding_context()
         n_embd = self._llm.n_embd()
         vectors: list[list[float]] = []
         total = 0
-        for i, text in enumerate(texts):
-            tokens = self._tokenize(text)
-            if len(tokens) > limit:
-                raise ContextLengthError(
-                    f"input[{i}] has {len(tokens)} tokens; embeddings take at most {limit}",
-                    "input",
-                )
-            total += len(tokens)
+        abort.arm(cancel)
+        try:
+            for i, text in enumerate(texts):
+                tokens = self._tokenize(text, longest, f"input[{i}]")
+                if len(tokens) > longest:
+                    raise self._too_long(str(len(tokens)), longest, f"input[{i}]")
+                total += len(tokens)
+                ctx.kv_cache_clear()
+                acc = np.zeros(n_embd, dtype=np.float64)
+                for start in range(0, len(tokens), size):
+                    if cancel.is_set():
+                        raise Cancelled(f"embedding stopped at input {i} of {len(texts)}")
+                    chunk = tokens[start:start + size]
+                    batch.set_batch(chunk, start, True)
+                    try:
+                        ctx.decode(batch)
+                    except RuntimeError:
+                        if cancel.is_set():
+                            raise Cancelled(f"embedding stopped at input {i} of "
+                                            f"{len(texts)}") from None
+                        raise
+                    raw = self._lib.llama_get_embeddings(ctx.ctx)
+                    acc += np.ctypeslib.as_array(raw, shape=(len(chunk) * n_embd,)).reshape(
+                        len(chunk), n_embd).sum(axis=0, dtype=np.float64)
+                norm = float(np.linalg.norm(acc)) or 1.0
+                vectors.append((acc / norm).tolist())
+        finally:
+            abort.disarm()
             ctx.kv_cache_clear()
-            batch.reset()
-            batch.add_sequence(tokens, 0, True)
-            ctx.decode(batch)
-            raw = self._lib.llama_get_embeddings_seq(ctx.ctx, 0)
-            vec = [float(x) for x in raw[:n_embd]]
-            norm = math.sqrt(sum(x * x for x in vec)) or 1.0
-            vectors.append([x / norm for x in vec])
-        ctx.kv_cache_clear()
         return Embeddings(vectors, total)
 
     # --- facts and lifecycle --------------------------------------------------------
@@ -371,6 +486,7 @@ class LlamaCppEngine:
         if self._closed:
             return
         self._closed = True
+        self._abort.disarm()
         if self._embed_batch is not None:
             self._embed_batch.close()
         if self._embed_ctx is not None:

@@ -29,7 +29,8 @@ def layer_attempts(n_gpu_layers: int) -> list[int]:
     return out
 
 
-def open_model(entry: ModelEntry, plan: OffloadPlan, *, n_threads: int, main_gpu: int = 0
+def open_model(entry: ModelEntry, plan: OffloadPlan, *, n_threads: int, main_gpu: int = 0,
+               embedding_memory: int = LoadOptions.embedding_memory
                ) -> tuple[LlamaCppEngine, OffloadPlan]:
     """Load ``entry`` as ``plan`` says, falling back as above; returns the engine and the
     plan it really runs with. Raises LlamaCppUnavailable, or EngineError with the last
@@ -43,7 +44,8 @@ def open_model(entry: ModelEntry, plan: OffloadPlan, *, n_threads: int, main_gpu
                         layers)
         try:
             engine = LlamaCppEngine(entry.id, entry.info, LoadOptions(
-                n_ctx=plan.n_ctx, n_threads=n_threads, n_gpu_layers=layers, main_gpu=main_gpu))
+                n_ctx=plan.n_ctx, n_threads=n_threads, n_gpu_layers=layers, main_gpu=main_gpu,
+                embedding_memory=embedding_memory))
         except LlamaCppUnavailable:
             raise
         except EngineError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import sqlite3
 import threading
@@ -87,18 +88,49 @@ def model_card(model_id: str, created: int, owned_by: str, meta: dict[str, Any]
             "meta": meta}
 
 
+def file_changed(entry: ModelEntry) -> bool:
+    """Whether ``entry``'s file is no longer the one registered: gone, or another size or
+    mtime. A model file is mapped into memory while loaded; one truncated under it kills
+    the process that touches it (SIGBUS), so it is checked before each use."""
+    try:
+        st = os.stat(entry.path)
+    except OSError:
+        return True
+    return st.st_size != entry.size or st.st_mtime != entry.mtime
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")
 
 
 class Registry:
-    """Thread-safe; the in-memory view is rebuilt from SQLite after every change."""
+    """Thread-safe; the in-memory view is rebuilt from SQLite after every change.
 
-    def __init__(self, db_path: Path) -> None:
-        db_path.parent.mkdir(parents=True, exist_ok=True)
+    ``db_path`` None keeps the database in memory (a data folder that cannot be written).
+    Opening raises sqlite3.DatabaseError for a database that is not one, or fails its
+    integrity check; ``catalog.open_database`` decides what to do about it.
+    """
+
+    def __init__(self, db_path: Path | None) -> None:
+        if db_path is not None:
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = db_path
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
+        self._entries: dict[str, ModelEntry] = {}
+        self._aliases: dict[str, str] = {}
+        self._db = sqlite3.connect(":memory:" if db_path is None else str(db_path),
+                                   check_same_thread=False, isolation_level=None)
+        try:
+            self._open()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _open(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
+        check = self._db.execute("PRAGMA quick_check").fetchone()
+        if check is None or check[0] != "ok":
+            raise sqlite3.DatabaseError(f"integrity check failed: {check and check[0]}")
         self._db.executescript(_SCHEMA)
         stored = self._db.execute("SELECT value FROM meta WHERE key = 'info_version'").fetchone()
         if stored is None or stored[0] != str(INFO_VERSION):
@@ -109,8 +141,6 @@ class Registry:
                 " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 (str(INFO_VERSION),),
             )
-        self._entries: dict[str, ModelEntry] = {}
-        self._aliases: dict[str, str] = {}
         self._reload()
 
     def close(self) -> None:
@@ -146,6 +176,31 @@ class Registry:
                     counts["removed"] += 1
             self._reload()
         return counts
+
+    def verify(self, model_id: str) -> ModelEntry | None:
+        """The entry as its file is now: read again when its size or mtime changed,
+        unusable (with the reason) while the file is gone or unreadable. Every backend calls
+        it before it trusts an entry: readiness, the model list, a load."""
+        entry = self.get(model_id)
+        if entry is None or not file_changed(entry):
+            return entry
+        path = Path(entry.path)
+        try:
+            fresh, _ = self._register(path, entry.source)
+        except OSError as exc:
+            if entry.size == -1 and not entry.usable:
+                return entry  # still gone: said so already
+            reason = f"the file {path} is missing or unreadable ({exc.strerror or exc})"
+            log.warning("model %s is unusable: %s", model_id, reason)
+            with self._lock:
+                self._db.execute("UPDATE models SET usable = 0, reason = ?, size = -1 "
+                                 "WHERE id = ?", (reason, model_id))
+        else:
+            log.warning("model %s: its file changed on disk (%d bytes, was %d); read again",
+                        model_id, fresh.size, entry.size)
+        with self._lock:
+            self._reload()
+        return self._entries.get(model_id)
 
     def register_file(self, path: Path, source: str) -> ModelEntry:
         entry, _ = self._register(path.expanduser().resolve(), source)

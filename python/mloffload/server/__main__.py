@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import sys
 from collections.abc import Sequence
@@ -11,18 +10,11 @@ import uvicorn
 
 from ..config import ConfigError, Settings, load_settings
 from ..logs import setup_logging
-from ..models.catalog import CatalogError
+from ..models.catalog import CatalogError, NotWritable
+from .edge import limits_from, protocol_class
+from .guard import is_loopback
 
 log = logging.getLogger("mloffload.server")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_bind(settings: Settings) -> None:
@@ -83,9 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         registry = open_registry(settings)
     except CatalogError as exc:
         print(f"ml-offload: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, NotWritable) else 1
     try:
-        app = create_app(settings, registry)
+        app = create_app(settings, registry, close_registry=True)
         ports = [settings.port] + ([settings.ollama_port] if settings.ollama_port else [])
         # The same app on every port (--ollama-port adds Ollama's); each bound as uvicorn would.
         sockets = [uvicorn.Config(app, host=settings.host, port=port, log_config=None)
@@ -94,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  ", ".join(f"http://{settings.host}:{port}" for port in ports))
         server = uvicorn.Server(uvicorn.Config(
             app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-            timeout_graceful_shutdown=5))
+            timeout_graceful_shutdown=5, http=protocol_class(limits_from(settings))))
         server.run(sockets=sockets)
     finally:
         registry.close()

@@ -18,6 +18,7 @@ from ..hardware.gpu import GPUProbe
 from ..models.catalog import open_registry
 from ..models.registry import Registry
 from .backend import Backend
+from .docs import docs_page
 from .errors import APIError, error_response, install_error_handlers
 from .guard import Guard
 from .mode import resolve_mode
@@ -76,9 +77,11 @@ def make_backend(settings: Settings, registry: Registry, gpu: GPUProbe, stats: S
 
 
 def create_app(settings: Settings, registry: Registry | None = None,
-               runtime: Runtime | None = None) -> FastAPI:
+               runtime: Runtime | None = None, *, close_registry: bool = False) -> FastAPI:
     """Build the app. ``registry`` may be passed in (tests, or a caller that already scanned);
-    ``runtime`` too (see make_backend)."""
+    ``runtime`` too (see make_backend). The registry is closed at shutdown when the app
+    opened it or ``close_registry`` says so: uvicorn ends the process with the SIGTERM it
+    caught right after the shutdown, so code after ``uvicorn.run`` never runs then."""
     gpu = GPUProbe()
     stats = Stats(gpu.snapshot)
 
@@ -97,15 +100,23 @@ def create_app(settings: Settings, registry: Registry | None = None,
             yield
         finally:
             await backend.shutdown()
-            if registry is None:
+            if registry is None or close_registry:
                 reg.close()
+                log.info("registry closed")
 
     app = FastAPI(
         title="ml-offload",
         version=__version__,
         summary="OpenAI-compatible API on llama.cpp, with GPU offload and model lifecycle",
         lifespan=lifespan,
+        docs_url=None,  # Swagger UI needs a CDN; docs.py renders a page with nothing to fetch
+        redoc_url=None,
     )
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return docs_page(app.openapi())
+
     install_error_handlers(app, render_error)
     app.include_router(router)
     app.include_router(ollama_router)
@@ -113,6 +124,5 @@ def create_app(settings: Settings, registry: Registry | None = None,
         app.add_middleware(OpenAICORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(Guard, api_key=settings.api_key, max_body=settings.max_body, stats=stats,
-                       render=render_error)
+    app.add_middleware(Guard, settings=settings, stats=stats, render=render_error)
     return app

@@ -43,6 +43,7 @@ class AccessInfo:
     model: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    queue_ms: float | None = None  # waited for a model's slot (queue and load)
 
     def tokens(self, prompt: int, completion: int) -> None:
         self.prompt_tokens, self.completion_tokens = prompt, completion

@@ -12,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from ..logs import log_unexpected
+
 log = logging.getLogger("mloffload.server")
 
 _TYPE_BY_STATUS = {
@@ -106,7 +108,9 @@ def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
 
 def validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
-    first = errors[0] if errors else {}
+    # A union reports every member's failure; the deepest one names the real problem (a bad
+    # part of a list, not "should be a valid string" from the member that is a string).
+    first: dict[str, Any] = max(errors, key=lambda e: len(e.get("loc", ())), default={})
     loc = tuple(first.get("loc", ()))
     param = _param_from_loc(loc)
     msg = str(first.get("msg", "invalid request"))
@@ -154,7 +158,7 @@ def install_error_handlers(app: FastAPI, render: ErrorRenderer = openai_error) -
             type="cancelled"))
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        log_unexpected(log, f"unexpected error on {request.method} {request.url.path}", exc)
         return render(request.url.path, APIError(
             500, f"Internal server error ({type(exc).__name__}); the server keeps serving.",
             code="internal_error"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
@@ -23,7 +22,7 @@ from ..config import Settings, parse_duration
 from ..engine.base import EngineError
 from ..hardware.gpu import GPUProbe
 from ..hardware.planner import OffloadPlan
-from ..models.registry import ModelEntry, Registry
+from ..models.registry import ModelEntry, Registry, file_changed
 from .errors import APIError, model_not_found
 from .runner import Runner, Runtime
 from .slots import SlotGate
@@ -82,10 +81,12 @@ class LoadedModel:
 class Lease:
     """A request's slot on a model: held from the front of the queue until its job ends."""
 
-    def __init__(self, manager: ModelManager, model: LoadedModel, keep_alive: float | None):
+    def __init__(self, manager: ModelManager, model: LoadedModel, keep_alive: float | None,
+                 waited: float = 0.0):
         self.manager = manager
         self.model = model
         self.keep_alive = keep_alive
+        self.waited = waited  # seconds from arrival to the slot: the queue and any load
         self.started = time.monotonic()
         self._released = False
 
@@ -104,14 +105,10 @@ def parse_keep_alive(value: str | float | None) -> float | None:
     if value is None:
         return None
     try:
-        seconds = parse_duration(value)
+        return parse_duration(value)
     except ValueError as exc:
         raise APIError(400, f"Invalid value for 'keep_alive': {exc}", param="keep_alive",
                        code="invalid_value") from None
-    if not math.isfinite(seconds):
-        raise APIError(400, "Invalid value for 'keep_alive': it must be a finite duration "
-                       "(e.g. 30s, 5m, 0 or -1)", param="keep_alive", code="invalid_value")
-    return seconds
 
 
 CRASH_LOOP = 3  # failed loads in a row that mark a model unusable
@@ -128,6 +125,7 @@ class Ticket:
         self.manager = manager
         self.entry = entry
         self.keep_alive = keep_alive
+        self.admitted = time.monotonic()
         self._used = False
 
     async def wait(self, on_wait: OnWait | None = None) -> Lease:
@@ -145,7 +143,9 @@ class Ticket:
             if mid in manager.loaded:
                 manager.loaded.move_to_end(mid)
             model.last_used = time.time()
-            return Lease(manager, model, self.keep_alive)
+            waited = time.monotonic() - self.admitted
+            manager.stats.queue_wait.observe(waited)
+            return Lease(manager, model, self.keep_alive, waited)
         finally:
             manager.stats.dequeue()
             if not granted:
@@ -192,6 +192,8 @@ class ModelManager:
         entry = self.registry.resolve(name)
         if entry is None:
             raise model_not_found(name)
+        entry = self.registry.verify(entry.id) or entry  # the file as it is now
+        self._retire_if_stale(entry.id)
         if not entry.usable or entry.info is None:
             raise APIError(500, f"The model {entry.id!r} cannot be used: {entry.reason}",
                            code="model_unusable", param="model")
@@ -402,14 +404,33 @@ class ModelManager:
         model = self.loaded.get(mid)
         if model is None or self._demand.get(mid) or model.gate.busy:
             return False
-        del self.loaded[mid]
-        self._cancel_unload(model)
-        self.stats.loaded.set(len(self.loaded))
-        model.dead = True
+        self._forget(model)
         await model.runner.close()
         log.info("unloaded %s (%s)", mid, reason)
         self._changed.set()
         return True
+
+    def _forget(self, model: LoadedModel) -> None:
+        del self.loaded[model.id]
+        self._cancel_unload(model)
+        self.stats.loaded.set(len(self.loaded))
+        model.dead = True
+
+    def _retire_if_stale(self, mid: str) -> None:
+        """A loaded model whose file changed on disk must not touch its mapped weights
+        again (a truncated file kills the process that does: SIGBUS). Idle, it is dropped
+        now, and the request loads the file afresh; busy, it unloads once its queue is
+        served (the backend refuses to run on it meanwhile, see file_changed)."""
+        model = self.loaded.get(mid)
+        if model is None or not file_changed(model.entry):
+            return
+        model.keep_alive = 0
+        if self._demand.get(mid) or model.gate.busy:
+            return
+        self._forget(model)
+        log.warning("unloaded %s: its file changed on disk", mid)
+        self._spawn(model.runner.close())
+        self._changed.set()
 
     async def close(self) -> None:
         self._closed = True

@@ -6,7 +6,7 @@ import base64
 import struct
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from ..config import Settings
 from ..engine.base import SamplingParams, sampling_from
@@ -17,7 +17,21 @@ MAX_STOP_LEN = 256
 MAX_EMBED_INPUTS = 2048
 MAX_MODEL_NAME = 256
 
-ModelName = Annotated[str, Field(min_length=1, max_length=MAX_MODEL_NAME)]
+
+
+def _unicode_text(value: str) -> str:
+    """JSON may escape a lone UTF-16 surrogate (``\\ud800``); no engine, log or response can
+    encode it, so it is the client's error, named by its field."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the text holds a lone UTF-16 surrogate (U+{ord(value[exc.start]):04X} "
+                         f"at character {exc.start}); send valid Unicode") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode_text)]
+ModelName = Annotated[Text, Field(min_length=1, max_length=MAX_MODEL_NAME)]
 KeepAlive = Annotated[
     str | float | None,
     Field(description="Unload the model this long after the response (0: right away; "
@@ -32,13 +46,13 @@ class _Lenient(BaseModel):
 
 class TextPart(_Lenient):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
 
 class StreamOptions(_Lenient):
@@ -55,7 +69,7 @@ class _Sampling(_Lenient):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repeat_penalty: float = Field(1.0, ge=0.0, le=10.0)
     max_tokens: int | None = Field(None, ge=1, description="capped by the context left")
-    stop: str | list[Annotated[str, Field(max_length=MAX_STOP_LEN)]] | None = Field(
+    stop: Text | list[Annotated[Text, Field(max_length=MAX_STOP_LEN)]] | None = Field(
         None, max_length=MAX_STOP
     )
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
@@ -99,7 +113,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] = Field(..., description="one prompt (a list of one is accepted)")
+    prompt: Text | list[Text] = Field(..., description="one prompt (a list of one is accepted)")
     max_tokens: int | None = Field(16, ge=1, description="capped by the context left")
     echo: bool = False
     suffix: str | None = Field(None, description="text after the completion (fill in the "
@@ -119,7 +133,7 @@ class CompletionRequest(_Sampling):
 
 class EmbeddingRequest(_Lenient):
     model: ModelName = "default"
-    input: str | list[str] = Field(..., description="a string or a list of strings")
+    input: Text | list[Text] = Field(..., description="a string or a list of strings")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     keep_alive: KeepAlive = None

@@ -84,6 +84,9 @@ class Stats:
                                   "Request duration", ["route"], buckets=_LATENCY_BUCKETS,
                                   registry=r)
         self.queue = Gauge("mloffload_queue_depth", "Requests waiting for a model", registry=r)
+        self.queue_wait = Histogram("mloffload_queue_wait_seconds",
+                                    "Time from arrival to a model's slot (queue and load)",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
         self.active = Gauge("mloffload_requests_active", "Requests being served", registry=r)
         self.loaded = Gauge("mloffload_models_loaded", "Models loaded", registry=r)
         self.engine_crashes = Counter("mloffload_engine_crashes",

@@ -8,8 +8,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import Future
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from starlette.requests import Request
@@ -18,11 +17,15 @@ from starlette.responses import Response, StreamingResponse
 from ...config import Settings
 from ...engine.base import (
     FINISH_CANCELLED,
+    Cancelled,
     ContextLengthError,
     Embeddings,
     EngineError,
     GenerationResult,
 )
+from ...logs import log_unexpected
+from ...models.catalog import default_model_problem
+from ...models.registry import file_changed
 from ..backend import (
     ClientGone,
     Health,
@@ -54,7 +57,7 @@ def engine_api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc), code="context_length_exceeded", param=exc.param)
     if isinstance(exc, EngineError):
         return APIError(500, f"Generation failed: {exc}", code="engine_error")
-    log.error("engine failure: %r", exc)
+    log_unexpected(log, "engine failure", exc)
     return APIError(500, f"Generation failed ({type(exc).__name__}); the server keeps serving.",
                     code="internal_error")
 
@@ -66,7 +69,14 @@ def runner_of(lease: Lease) -> LocalRunner:
 
 
 class Job:
-    """One request's work on a model's worker thread, and its bookkeeping."""
+    """One request's work on a model's worker thread, and its bookkeeping.
+
+    The work runs to its end on the thread even when the request gives up on it (the
+    client leaves, the time runs out): that sets ``cancel``, which the engine checks
+    between tokens, batches and inputs. The slot is given back and the request counted
+    once, when the thread is done with it, so the next request never waits behind work
+    it cannot see.
+    """
 
     def __init__(self, backend: LocalBackend, lease: Lease, started: float) -> None:
         self.backend = backend
@@ -77,6 +87,7 @@ class Job:
         self.disconnected = False
         self.timed_out = False
         self.loop = asyncio.get_running_loop()
+        # Measured from the slot, not from arrival: the wait in the queue is the lease's.
         self._timer = self.loop.call_later(backend.settings.request_timeout, self._on_timeout)
         backend.stats.begin()
 
@@ -88,25 +99,42 @@ class Job:
         self.disconnected = True
         self.cancel.set()
 
-    def run(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
-        fut = self.loop.run_in_executor(runner_of(self.lease).executor, fn)
-        fut.add_done_callback(self._done)
-        return fut
+    def timeout_error(self) -> APIError:
+        return APIError(504, f"The request ran longer than "
+                        f"{self.backend.settings.request_timeout:g}s and was stopped.",
+                        code="request_timeout")
 
-    def _done(self, fut: Future[Any] | asyncio.Future[Any]) -> None:
+    def run(self, fn: Callable[[], Any]) -> Awaitable[Any]:
+        """Start ``fn`` on the model's thread; the awaitable may be cancelled, the work
+        itself is not (see the class)."""
+        worker = self.loop.run_in_executor(runner_of(self.lease).executor, fn)
+        worker.add_done_callback(self._done)
+        return asyncio.shield(worker)
+
+    def _done(self, worker: asyncio.Future[Any]) -> None:
         self._timer.cancel()
-        self.lease.release()
-        error = fut.exception() if not fut.cancelled() else None
-        if error is None and isinstance(fut.result(), BaseException):
-            error = fut.result()
-        r = self.result
-        if self.disconnected and (r.finish_reason in (None, FINISH_CANCELLED)):
-            outcome = Outcome.CANCELLED
-        elif error is not None or self.timed_out:
-            outcome = Outcome.FAILED
-        else:
-            outcome = Outcome.COMPLETED
-        self.backend.stats.end(outcome, r.prompt_tokens, r.completion_tokens)
+        outcome = Outcome.FAILED
+        try:
+            outcome = self._outcome(worker)
+            self.lease.release()
+        except Exception as exc:  # bookkeeping must never leave a request counted active
+            log_unexpected(log, "ending a request", exc)
+        finally:
+            r = self.result
+            self.backend.stats.end(outcome, r.prompt_tokens, r.completion_tokens)
+
+    def _outcome(self, worker: asyncio.Future[Any]) -> Outcome:
+        error = None if worker.cancelled() else worker.exception()
+        if error is None and not worker.cancelled() and isinstance(worker.result(),
+                                                                   BaseException):
+            error = worker.result()
+        stopped = isinstance(error, Cancelled) or self.result.finish_reason in (
+            None, FINISH_CANCELLED)
+        if self.disconnected and stopped:
+            return Outcome.CANCELLED
+        if error is not None or self.timed_out:
+            return Outcome.FAILED
+        return Outcome.COMPLETED
 
 
 class LocalBackend:
@@ -139,13 +167,28 @@ class LocalBackend:
     async def _lease(self, request: Request, model: str, keep_alive: Any) -> Lease:
         ka = parse_keep_alive(keep_alive)
         try:
-            return await unless_disconnected(request, self.manager.acquire(model, ka))
+            lease = await unless_disconnected(request, self.manager.acquire(model, ka))
+            access(request).queue_ms = round(lease.waited * 1000, 1)
+            if file_changed(lease.model.entry):
+                raise self._retire(lease)
+            return lease
         except APIError as exc:
             self.stats.record(Outcome.REJECTED if exc.status == 429 else Outcome.FAILED)
             raise
         except ClientGone:
             self.stats.record(Outcome.CANCELLED)
             raise
+
+    def _retire(self, lease: Lease) -> APIError:
+        """The model's file changed on disk while this request waited for it: touching its
+        mapped weights could kill the server (SIGBUS on a truncated file). The manager
+        unloads it once its queue is served; the next request loads the file again."""
+        entry = lease.model.entry
+        lease.keep_alive = 0
+        lease.release()
+        return APIError(503, f"The file of model {entry.id!r} changed on disk while it was "
+                        f"loaded ({entry.path}); it is unloaded, and the next request loads "
+                        "it again.", code="model_file_changed", headers={"Retry-After": "1"})
 
     # --- generation -----------------------------------------------------------------------
 
@@ -193,7 +236,7 @@ class LocalBackend:
         job.run(lambda: pump(starter, pipe))
         try:
             await unless_disconnected(request, pipe.started())
-        except ClientGone:
+        except (ClientGone, asyncio.CancelledError):
             job.client_left()
             raise
         except BaseException as exc:
@@ -209,14 +252,13 @@ class LocalBackend:
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         try:
             text = await unless_disconnected(request, pipe.collect())
-        except ClientGone:
+        except (ClientGone, asyncio.CancelledError):
             job.client_left()
             raise
         except BaseException as exc:
             raise engine_api_error(exc) from None
         if job.timed_out:
-            raise APIError(504, f"The request ran longer than {self.settings.request_timeout:g}s "
-                           "and was stopped.", code="request_timeout")
+            raise job.timeout_error()
         r = job.result
         access(request).tokens(r.prompt_tokens, r.completion_tokens)
         finish = r.finish_reason or "stop"
@@ -273,9 +315,8 @@ class LocalBackend:
             r = job.result
             access(request).tokens(r.prompt_tokens, r.completion_tokens)
             if job.timed_out:
-                msg = (f"The request ran longer than {self.settings.request_timeout:g}s "
-                       "and was stopped.")
-                yield event(error_body(msg, "timeout_error", None, "request_timeout"))
+                err = job.timeout_error()
+                yield event(error_body(err.message, err.type, err.param, err.code))
             else:
                 yield tpl.finish(r.finish_reason or "stop")
             if tpl.include_usage:
@@ -304,7 +345,7 @@ class LocalBackend:
 
         def work() -> Embeddings | BaseException:
             try:
-                out = engine.embed(inputs)
+                out = engine.embed(inputs, job.cancel)
             except BaseException as exc:  # handed back to the event loop as a value
                 return exc
             job.result.prompt_tokens = out.prompt_tokens
@@ -312,9 +353,11 @@ class LocalBackend:
 
         try:
             out = await unless_disconnected(request, job.run(work))
-        except ClientGone:
+        except (ClientGone, asyncio.CancelledError):
             job.client_left()
             raise
+        if job.timed_out:
+            raise job.timeout_error()
         if isinstance(out, BaseException):
             raise engine_api_error(out)
         access(request).tokens(out.prompt_tokens, 0)
@@ -325,13 +368,15 @@ class LocalBackend:
 
     async def models(self) -> dict[str, Any]:
         loaded = set(self.manager.loaded)
-        return {"object": "list",
-                "data": [e.card(loaded=e.id in loaded) for e in self.manager.registry.list()]}
+        registry = self.manager.registry
+        entries = [registry.verify(e.id) or e for e in registry.list()]
+        return {"object": "list", "data": [e.card(loaded=e.id in loaded) for e in entries]}
 
     async def health(self) -> Health:
         facts = self.manager.facts
-        if not facts.get("available"):
-            reason = str(facts.get("reason"))
+        reason = "" if facts.get("available") else str(facts.get("reason"))
+        reason = reason or default_model_problem(self.manager.registry)
+        if reason:
             return Health(HealthState.UNAVAILABLE, reason,
                           {"available": False, "ready": False, "details": reason})
         loading = self.manager.loading()

@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ...config import Settings
-from ...engine.base import EngineError
-from ...engine.llamacpp import LlamaCppEngine, LlamaCppUnavailable, engine_facts
+from ...engine.base import Engine, EngineError
+from ...engine.llamacpp import LlamaCppUnavailable, engine_facts
 from ...engine.loader import open_model
 from ...hardware.gpu import GPUProbe
 from ...hardware.planner import OffloadPlan, plan_for_settings
@@ -23,7 +23,7 @@ from ...models.registry import ModelEntry
 class LocalRunner:
     slots = 1
 
-    def __init__(self, engine: LlamaCppEngine, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, engine: Engine, executor: ThreadPoolExecutor) -> None:
         self.engine = engine
         self.executor = executor
 
@@ -66,7 +66,7 @@ class LocalRuntime:
         try:
             engine, plan = await asyncio.to_thread(
                 open_model, entry, plan, n_threads=self.settings.effective_threads,
-                main_gpu=self.settings.gpu)
+                main_gpu=self.settings.gpu, embedding_memory=self.settings.embedding_memory)
         except LlamaCppUnavailable as exc:
             raise EngineError(str(exc)) from exc
         executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{entry.id}")
