@@ -28,6 +28,13 @@ def check_bind(settings: Settings) -> None:
     )
 
 
+# Seconds a kept-alive connection may idle. Longer than clients keep theirs (httpx: 5 s,
+# which is uvicorn's default too): a client must drop an idle connection before we close
+# it, or a request it sends at that moment meets a closed socket. Idle connections make
+# room when the connection limit is reached (edge.py), so holding them costs nothing.
+KEEP_ALIVE = 65
+
+
 def engine_refusal(settings: Settings) -> str:
     """Why the engine this server would run cannot run here ("" when it can).
 
@@ -86,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  ", ".join(f"http://{settings.host}:{port}" for port in ports))
         server = uvicorn.Server(uvicorn.Config(
             app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-            timeout_graceful_shutdown=5, http=protocol_class(limits_from(settings))))
+            timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE,
+            http=protocol_class(limits_from(settings))))
         server.run(sockets=sockets)
     finally:
         registry.close()

@@ -8,7 +8,7 @@
 - **Timeouts.** A new connection must send its first request's headers within
   ``first_request_timeout``; a later request's headers must arrive within
   ``header_timeout`` of its first byte, and a body may pause no longer than that. uvicorn
-  itself closes a kept-alive connection idle for 5 s.
+  itself closes a kept-alive connection idle for ``KEEP_ALIVE`` (``__main__``, 65 s).
 - **Head size.** A request line and headers longer than ``max_header_size`` get a 431.
 - **Back-pressure.** A client that pipelines requests without reading the answers is not
   read further once ``PIPELINE_DEPTH`` requests wait: what it sent stays unparsed (at most
