@@ -237,8 +237,9 @@ def test_client_leaving_non_stream_stops_llama_server(proxy: ServerProcess,
     body = json.dumps({"prompt": "Once upon a time", "max_tokens": LONG_TOKENS,
                        "ignore_eos": True}).encode()
     sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                 b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)
     try:
         deadline = time.monotonic() + 120
         while upstream.decoding() < 3:
