@@ -115,7 +115,7 @@ class LlamaServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             m = self.metrics()
-            if m["requests_processing"] == 0:
+            if m["requests_processing"] == 0 and m.get("requests_deferred", 0) == 0:
                 return m
             time.sleep(every)
         raise TimeoutError("llama-server still busy")

@@ -371,3 +371,23 @@ def test_managed_mode_needs_a_binary(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "not an executable file" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_readiness_follows_the_default_models_file(tmp_path: Path, data_dir: Path,
+                                                   models_dir: Path, wrapper: Path) -> None:
+    """Managed mode says it is not ready while the default model's file is gone, and is
+    ready again once it is back (the same rule as in-process)."""
+    model = tmp_path / "models" / "gemma-3-270m-q4_k_m.gguf"
+    model.parent.mkdir()
+    os.link(data_dir / "models" / "gemma-3-270m-q4_k_m.gguf", model)
+    with start(tmp_path, models_dir, wrapper) as proc:
+        url = proc.url
+        assert httpx.post(url + "/api/models/default/unload", timeout=60).status_code == 200
+        model.unlink()
+        err = assert_openai_error(httpx.get(url + "/health", timeout=30), 503,
+                                  code="backend_unavailable")
+        assert "gemma-3-270m-q4_k_m" in err["message"]
+        os.link(data_dir / "models" / "gemma-3-270m-q4_k_m.gguf", model)
+        wait_for(lambda: httpx.get(url + "/health", timeout=30).status_code == 200,
+                 what="ready again")
+        assert chat(url).status_code == 200

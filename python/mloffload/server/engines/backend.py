@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ...config import Settings
+from ...models.catalog import default_model_problem
 from ..backend import (
     ClientGone,
     Health,
@@ -240,8 +241,9 @@ class ManagedBackend:
 
     async def models(self) -> dict[str, Any]:
         loaded = set(self.manager.loaded)
-        return {"object": "list",
-                "data": [e.card(loaded=e.id in loaded) for e in self.manager.registry.list()]}
+        registry = self.manager.registry
+        entries = [registry.verify(e.id) or e for e in registry.list()]
+        return {"object": "list", "data": [e.card(loaded=e.id in loaded) for e in entries]}
 
     async def load(self, name: str, keep_alive: float | None = None) -> dict[str, Any]:
         loaded = await self.manager.load(name, explicit=True, keep_alive=keep_alive)
@@ -257,6 +259,10 @@ class ManagedBackend:
         return {"unloaded": True, "id": entry.id}
 
     async def health(self) -> Health:
+        problem = default_model_problem(self.manager.registry)
+        if problem:
+            return Health(HealthState.UNAVAILABLE, problem,
+                          {"available": False, "ready": False, "details": problem})
         loading = self.manager.loading()
         if loading:
             details = f"loading model {', '.join(loading)} in its engine process"
