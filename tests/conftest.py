@@ -36,7 +36,8 @@ def model_path(data_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def server(data_dir: Path) -> Iterator[ServerProcess]:
     """The default server: in-process llama.cpp on the embedded model, default settings."""
-    proc = ServerProcess(data_dir, env={"ML_OFFLOAD_N_CTX": "2048"})
+    proc = ServerProcess(data_dir, env={"ML_OFFLOAD_N_CTX": "2048",
+                                        "ML_OFFLOAD_DEFAULT_MAX_TOKENS": "48"})
     try:
         proc.wait_ready()
         yield proc
@@ -48,6 +49,7 @@ def server(data_dir: Path) -> Iterator[ServerProcess]:
 def managed_server(data_dir: Path) -> Iterator[ServerProcess]:
     """The same, in managed mode: the model runs in its own llama-server process."""
     proc = ServerProcess(data_dir, env={"ML_OFFLOAD_N_CTX": "2048",
+                                        "ML_OFFLOAD_DEFAULT_MAX_TOKENS": "48",
                                         "ML_OFFLOAD_BACKEND": "managed",
                                         "ML_OFFLOAD_LLAMA_SERVER_BIN": str(llama_server_bin())})
     try:

@@ -125,3 +125,11 @@ def test_an_empty_key_file_is_refused(tmp_path: Path, content: str, option: str)
 def test_edge_limits_must_be_usable(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError):
         load_settings([], environ=env)
+
+
+def test_the_shipped_token_defaults() -> None:
+    """What the README promises: a chat that names no max_tokens gets 512, and no request
+    more than 2048 unless the cap is raised."""
+    s = Settings()
+    assert s.default_max_tokens == 512 and s.max_tokens == 2048
+    assert s.token_limit(None) == 512 and s.token_limit(4096) == 2048
