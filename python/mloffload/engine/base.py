@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .fim import InfillInput, InfillResult
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -19,6 +22,10 @@ FINISH_CANCELLED = "cancelled"
 
 class EngineError(RuntimeError):
     """Generation or embedding failed for a reason the client should hear."""
+
+
+class FimUnsupported(EngineError):
+    """The model has no fill-in-the-middle tokens."""
 
 
 class ContextLengthError(EngineError):
@@ -73,6 +80,16 @@ class GenerationResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
+    # What llama-server's own answers report besides (``/completion``, ``/infill``):
+    cached_tokens: int = 0  # prompt tokens reused from the previous request's cache
+    stop_word: str = ""  # the stop string that ended the generation
+    eog: bool = False  # ended by an end-of-generation token (counted by llama-server)
+    truncated: bool = False  # ended because the context was full
+    kv_tokens: int = 0  # tokens in the model's cache afterwards
+    started_at: float = 0.0  # time.monotonic() stamps: request, prompt done, last token
+    prompt_done_at: float | None = None
+    last_token_at: float | None = None
+    token_ids: list[int] | None = None  # given a list, each generated id is appended
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +116,17 @@ class Engine(Protocol):
         result: GenerationResult,
         cancel: threading.Event,
     ) -> Iterator[str]: ...
+
+    def infill(
+        self,
+        inp: InfillInput,
+        params: SamplingParams,
+        result: InfillResult,
+        cancel: threading.Event,
+    ) -> Iterator[str]:
+        """Fill in the middle as llama-server's /infill does (see engine/fim.py); raises
+        FimUnsupported when the model has no FIM tokens."""
+        ...
 
     def embed(self, texts: Sequence[str]) -> Embeddings: ...
 
