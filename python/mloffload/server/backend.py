@@ -13,7 +13,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .errors import ClientGone as ClientGone  # re-exported for backends
-from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    InfillRequest,
+    TokenizeRequest,
+)
 
 T = TypeVar("T")
 
@@ -68,6 +75,16 @@ class Backend(Protocol):
     async def completion(self, req: CompletionRequest, request: Request) -> Response: ...
 
     async def embeddings(self, req: EmbeddingRequest, request: Request) -> Response: ...
+
+    async def infill(self, req: InfillRequest, request: Request) -> Response:
+        """llama-server's `/infill` (server/fim.py): its fields, answer and stream."""
+        ...
+
+    async def tokenize(self, req: TokenizeRequest, request: Request) -> Response:
+        """llama-server's `/tokenize` for the model named (the FIM test compares prompts)."""
+        ...
+
+    async def detokenize(self, req: DetokenizeRequest, request: Request) -> Response: ...
 
     async def models(self) -> dict[str, Any]:
         """The `/v1/models` body."""
