@@ -4,7 +4,7 @@
    ``setup()``) against the same editor without it; wall time per run, interleaved.
    Target: at most 5 ms added.
 2. Responsiveness: the round trip of an RPC request (``nvim_eval("1")``) from a second
-   client, idle and while a chat streams into a float. Target: p99 while streaming at most
+   client, idle and while a chat streams into its buffer. Target: p99 while streaming at most
    2x idle.
 3. First answer: from ``:MLChat`` to the first answer text on the server path (warm
    server) and on the in-process fallback (server down: host start, model load, first
@@ -50,7 +50,19 @@ from common import (  # noqa: E402
 )
 from nvim_harness import REPO, Editor, editor_env, nvim_binary, register_plugin  # noqa: E402
 
-LOADED_LINE = re.compile(r"_local fallback: .* loaded in ([\d.]+) s")
+LOADED = re.compile(r"model loaded in ([\d.]+) s")
+HEADING = " (ml-offload)\n"
+
+
+def answer_so_far(ed: Editor) -> str:
+    """The text of the newest chat's last answer so far ("" before its heading)."""
+    chats = ed.chats()
+    if not chats:
+        return ""
+    text = "\n".join(max(chats, key=lambda c: c["buf"])["lines"])
+    if HEADING not in text:
+        return ""
+    return text.rsplit(HEADING, 1)[1].split("\n\n## You", 1)[0].strip()
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -182,9 +194,8 @@ def rpc(home: Path, manifest: Path, url: str, samples: int, max_tokens: int) -> 
         control = rpc_samples(ed, samples, while_=lambda: not done.is_set())
         done.wait(600)
         ed.nvim.command("MLChat Write a long story about a lighthouse keeper")
-        ed.wait(lambda: "### Assistant\n" in ed.float_text(ed.nvim.current.buffer.number)
-                and len(ed.float_text(ed.nvim.current.buffer.number).split(
-                    "### Assistant\n", 1)[1]) > 0, timeout=300, what="streaming to start")
+        ed.wait(lambda: len(ed.chats()) == 2 and answer_so_far(ed), timeout=300,
+                what="streaming to start")
         streaming = rpc_samples(ed, samples, while_=lambda: finished_count(ed) < 2)
         still = finished_count(ed) < 2
         ed.wait(lambda: finished_count(ed) >= 2, timeout=600, what="the chat to end")
@@ -219,20 +230,16 @@ def first_answer(home: Path, manifest: Path, url: str, data_dir: Path) -> dict[s
         marks: dict[str, float] = {}
         load_s = None
         while time.perf_counter() - start < 600:
-            floats = ed.floats()
-            if floats:
+            if ed.chats():
                 marks.setdefault("float", time.perf_counter() - start)
-                body = "\n".join(floats[0]["lines"]).split("### Assistant\n", 1)[1]
-                m = LOADED_LINE.search(body)
-                if m:
-                    load_s = float(m.group(1))
-                    body = body[m.end():].lstrip("\n")
-                if body.strip() and "_loading model" not in body:
+                if answer_so_far(ed):
                     marks["first_text"] = time.perf_counter() - start
                     break
             time.sleep(0.01)
         ed.wait(lambda: finished_count(ed) >= 1, timeout=600, what="the answer")
-        title = ed.floats()[0]["title"].strip()
+        m = LOADED.search(answer_so_far(ed))
+        load_s = float(m.group(1)) if m else None
+        title = ed.chat()["wins"][0]["title"].strip()
     finally:
         ed.close()
     return {"float_s": marks.get("float"), "first_text_s": marks.get("first_text"),
@@ -282,7 +289,7 @@ def markdown(result: dict[str, Any]) -> str:
              fmt(r["idle_ms"]["p99"], 3)],
             ["control: the server streams to another client", str(r["samples_server_busy"]),
              fmt(r["server_busy_ms"]["p50"], 3), fmt(r["server_busy_ms"]["p99"], 3)],
-            ["while a chat streams into the float", str(r["samples_streaming"]),
+            ["while a chat streams into its buffer", str(r["samples_streaming"]),
              fmt(r["streaming_ms"]["p50"], 3), fmt(r["streaming_ms"]["p99"], 3)],
         ], ["l", "r", "r", "r"]), "",
         f"p99 streaming / idle: **{fmt(r['p99_ratio'], 2)}×** (target ≤ "
@@ -313,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="ml-offload data dir with the default model (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_shared_args(parser, argv, "nvim")
 
     from mloffload.models.catalog import ensure_embedded_model
@@ -341,7 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.stop()
     version = subprocess.run([nvim_binary(), "--version"], capture_output=True, text=True,
                              check=False).stdout.split("\n", 1)[0]
-    result = {"date": now_iso(), "command": command_line(argv), "machine": machine,
+    result = {"date": now_iso(), "command": command_line(["bench/nvim.py", *argv]),
+              "machine": machine,
               "nvim": version, "server_threads": args.server_threads,
               "startup": startup_result, "rpc": rpc_result, "first_answer": first}
     write_json(args.out / "nvim.json", result)

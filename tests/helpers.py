@@ -8,13 +8,29 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def wait_for(check: Callable[[], T], timeout: float = 60.0, interval: float = 0.05,
+             what: str = "condition", details: Callable[[], str] | None = None) -> T:
+    """Poll until ``check()`` returns something truthy, and return it; after ``timeout``
+    seconds fail, naming ``what`` (and ``details()``, e.g. a log)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = f"\n{details()}" if details is not None else ""
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{extra}")
+        time.sleep(interval)
 
 
 def free_port() -> int:
@@ -76,12 +92,9 @@ class ServerProcess:
 
     def wait_log(self, text: str, timeout: float = 30.0) -> str:
         """The log once ``text`` is in it: an access line is written after the answer."""
-        deadline = time.monotonic() + timeout
-        while text not in (log := self.log()):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} never appeared in the log:\n{log}")
-            time.sleep(0.05)
-        return log
+        wait_for(lambda: text in self.log(), timeout, what=f"{text!r} in the server log",
+                 details=self.log)
+        return self.log()
 
     def rss(self) -> int:
         import psutil

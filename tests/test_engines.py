@@ -22,7 +22,7 @@ import httpx
 import psutil
 import pytest
 
-from helpers import REPO, ServerProcess, assert_openai_error, model_folder, sse_events
+from helpers import REPO, ServerProcess, assert_openai_error, model_folder, sse_events, wait_for
 from llama_server import llama_server_bin
 
 CHAT = "/v1/chat/completions"
@@ -89,13 +89,6 @@ def chat(url: str, model: str = "default", max_tokens: int = 4, **extra: Any) ->
         "model": model, "messages": [{"role": "user", "content": "Hi"}],
         "max_tokens": max_tokens, **extra})
 
-
-def wait_for(predicate: Any, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {timeout}s")
-        time.sleep(0.1)
 
 
 def busy_slots(url: str, model: str = "gemma-3-270m-q4_k_m") -> int:

@@ -311,11 +311,11 @@ def test_the_registry_shows_which_models_can_fill_in_the_middle(fim_url: str) ->
 def test_a_model_without_fim_tokens_is_refused(fim_url: str, base_url: str) -> None:
     for url, body in ((fim_url, {"model": GEMMA}), (base_url, {})):  # named; the default
         r = post(url, "/infill", {**CODE, **body})
-        err = assert_openai_error(r, 400, "fim_not_supported", "invalid_request_error",
+        err = assert_openai_error(r, 400, "fim_unsupported", "invalid_request_error",
                                   "model")
         assert "cannot fill in the middle" in err["message"] and "fim_model" in err["message"]
         r = post(url, "/v1/completions", {"prompt": "a", "suffix": "b", **body})
-        assert_openai_error(r, 400, "fim_not_supported")
+        assert_openai_error(r, 400, "fim_unsupported")
     assert post(fim_url, "/infill", {**REQUESTS["plain"], "n_predict": 1}).status_code == 200
 
 

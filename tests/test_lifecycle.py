@@ -13,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import ServerProcess, assert_openai_error, machine_gpu, model_folder
+from helpers import ServerProcess, assert_openai_error, machine_gpu, model_folder, wait_for
 
 MiB = 1024**2
 
@@ -43,13 +43,6 @@ def chat(url: str, model: str, **extra: Any) -> httpx.Response:
         "model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
         **extra})
 
-
-def wait_for(predicate: Any, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.2)
 
 
 def metric(url: str, name: str, labels: dict[str, str] | None = None) -> float:

@@ -34,16 +34,25 @@ def nowhere() -> str:
 
 
 def streamed(ed: Editor, buf: int) -> str:
-    return ed.float_text(buf).rsplit("### Assistant\n", 1)[1]
+    """The last answer so far (after its heading), its status line included."""
+    text = ed.chat_text(buf)
+    if " (ml-offload)\n" not in text:
+        return ""
+    return text.rsplit(" (ml-offload)\n", 1)[1].split("\n\n## You", 1)[0].strip("\n")
 
 
 def title_of(ed: Editor, buf: int) -> str:
-    return next(f["title"] for f in ed.floats() if f["buf"] == buf)
+    return str(ed.chat(buf)["wins"][0]["title"])
 
 
 def finished(ed: Editor) -> list[Any]:
-    return [e[1] for e in ed.lua("return _G.ml_test_events") or []
-            if e[0] == "MLOffloadRequestFinished"]
+    return ed.finished()
+
+
+def send(ed: Editor, buf: int, text: str) -> None:
+    """Type a message under the chat's last "## You" and send it, as a user does."""
+    ed.nvim.api.set_current_win(ed.chat(buf)["wins"][0]["win"])
+    ed.keys(f"<Esc>Gi{text}<C-s>")
 
 
 def host_facts(ed: Editor) -> dict[str, Any]:
@@ -60,14 +69,14 @@ def test_fallback_chat_status_embed_models_and_cancel(editor: Factory, model_pat
     info = read_gguf_info(model_path)
     ed = editor(api_url=nowhere(), params=chat_params(16))
     ed.nvim.command("MLChat Explain what a GGUF file is")
-    buf = ed.wait_float(what="the chat float")["buf"]
+    buf = ed.wait(lambda: ed.chats(), what="the chat")[0]["buf"]
     seen_loading = False
     sizes: list[int] = []
 
     def poll() -> bool:
         nonlocal seen_loading
+        seen_loading = seen_loading or "loading model " in title_of(ed, buf)
         text = streamed(ed, buf)
-        seen_loading = seen_loading or "_loading model " in text
         if not sizes or sizes[-1] != len(text):
             sizes.append(len(text))
         return bool(finished(ed))
@@ -76,16 +85,21 @@ def test_fallback_chat_status_embed_models_and_cancel(editor: Factory, model_pat
     data = finished(ed)[0]
     assert data["ok"] and data["backend"] == "fallback", data
     assert data["completion_tokens"] == 16
-    assert seen_loading, "no 'loading model…' line while the model loaded"
-    text = streamed(ed, buf)
-    loaded = re.match(r"_local fallback: (\S+) loaded in [\d.]+ s \((\d+)/(\d+) layers on GPU\)_\n",
-                      text)
-    assert loaded, text
-    model_id, layers, max_layers = loaded.groups()
+    assert seen_loading, "the title never said 'loading model…' while the model loaded"
+    text = ed.chat_text(buf)
+    heading = re.search(r"\n## (\S+) \(ml-offload\)\n", text)
+    assert heading, text
+    model_id = heading.group(1)
+    status = streamed(ed, buf).rsplit("\n", 1)[-1]
+    loaded = re.search(r" · local fallback · model loaded in [\d.]+ s \((\d+)/(\d+) layers on "
+                       r"GPU\)_$", status)
+    assert loaded, status
+    assert status.startswith("_16 tokens · ")
+    layers, max_layers = loaded.groups()
     assert int(max_layers) == info.block_count + 1
-    assert len(set(sizes)) >= 3, sizes  # the loading line, then the answer growing
-    assert text.rstrip().endswith(f"· {LOCAL}_")
-    assert title_of(ed, buf).strip().endswith(f"{model_id} · {LOCAL}")
+    assert len(set(sizes)) >= 2, sizes  # the answer grew while it streamed
+    title = title_of(ed, buf)
+    assert model_id in title and "local fallback" in title and "truncated" in title
 
     ed.nvim.command("MLStatus")
     ed.wait(lambda: len(finished(ed)) >= 2, what=":MLStatus")
@@ -111,19 +125,18 @@ def test_fallback_chat_status_embed_models_and_cancel(editor: Factory, model_pat
     ed.lua("require('ml-offload').setup(...)", {"api_url": ed.lua(
         "return require('ml-offload.config').get().api_url"), "params": chat_params(1500)})
     ed.nvim.command("MLChat Count from one to one thousand")
-    buf2 = ed.wait_float(lambda f: f["buf"] not in (buf,) and "status" not in f["title"]
-                         and "models" not in f["title"], what="the second chat")["buf"]
+    buf2 = ed.wait(lambda: len(ed.chats()) == 2 and ed.chat()["buf"], what="the second chat")
     ed.wait(lambda: len(streamed(ed, buf2)) > 20, timeout=300, what="the answer to start")
-    ed.nvim.api.set_current_win(next(f["win"] for f in ed.floats() if f["buf"] == buf2))
-    ed.nvim.input("<C-c>")
+    ed.nvim.api.set_current_win(ed.chat(buf2)["wins"][0]["win"])
+    ed.keys("<C-c>")
     ed.wait(lambda: len(finished(ed)) >= 5, what="the cancel")
     data = finished(ed)[4]
     assert data["cancelled"] and data["finish_reason"] == "cancelled", data
     assert data["completion_tokens"] < 1500
-    text = ed.float_text(buf2)
-    assert text.endswith(f"_cancelled · {LOCAL}_")
+    text = ed.chat_text(buf2)
+    assert re.search(r"_cancelled after \d+ tokens · local fallback_\n\n## You\n\n$", text)
     time.sleep(1.0)
-    assert ed.float_text(buf2) == text
+    assert ed.chat_text(buf2) == text
     assert_clean(ed)
 
 
@@ -132,7 +145,7 @@ def test_server_takes_over_and_gives_back_mid_conversation(editor: Factory, data
     port = free_port()
     ed = editor(api_url=f"http://127.0.0.1:{port}", params=chat_params(8))
     ed.nvim.command("MLChat Name three colors")
-    buf = ed.wait_float(what="the chat float")["buf"]
+    buf = ed.wait(lambda: ed.chats(), what="the chat")[0]["buf"]
     ed.wait(lambda: finished(ed), timeout=300, what="the fallback answer")
     first = finished(ed)[0]
     assert first["backend"] == "fallback" and first["ok"]
@@ -143,32 +156,29 @@ def test_server_takes_over_and_gives_back_mid_conversation(editor: Factory, data
     try:
         server.wait_ready(timeout=180)
         before = httpx.get(server.url + "/status", timeout=10).json()["requests"]["total"]
-        ed.nvim.input("<CR>")
-        ed.wait(lambda: ed.nvim.api.get_mode()["mode"] == "c", what="the follow-up prompt")
-        ed.nvim.input("And three more?<CR>")
+        send(ed, buf, "And three more?")
         ed.wait(lambda: len(finished(ed)) >= 2, timeout=300, what="the server's answer")
         second = finished(ed)[1]
         assert second["backend"] == "server" and second["ok"], second
         after = httpx.get(server.url + "/status", timeout=10).json()["requests"]["total"]
         assert after > before
-        assert "llamacpp" in title_of(ed, buf) and "local fallback" not in title_of(ed, buf)
+        assert "server llamacpp" in title_of(ed, buf)
+        assert "local fallback" not in title_of(ed, buf)
         assert host_facts(ed)["fallback"]["state"]["loaded"] is False
     finally:
         server.stop()
 
     # The server goes away mid-conversation: the next follow-up falls back, with history.
-    ed.nvim.input("<CR>")
-    ed.wait(lambda: ed.nvim.api.get_mode()["mode"] == "c", what="the second follow-up prompt")
-    ed.nvim.input("And the first one again?<CR>")
+    send(ed, buf, "And the first one again?")
     ed.wait(lambda: len(finished(ed)) >= 3, timeout=300, what="the fallback's answer")
     third = finished(ed)[2]
     assert third["backend"] == "fallback" and third["ok"], third
-    assert title_of(ed, buf).strip().endswith(LOCAL)
+    assert "local fallback" in title_of(ed, buf)
     # The prompt holds the whole conversation: both earlier turns and both answers.
     history = first["prompt_tokens"] + first["completion_tokens"] + second["completion_tokens"]
     assert third["prompt_tokens"] > history, (first, second, third)
-    text = ed.float_text(buf)
-    assert text.count("### You") == 3 and text.count("### Assistant") == 3
+    text = ed.chat_text(buf)
+    assert text.count("## You") == 4 and text.count(" (ml-offload)\n") == 3
     assert_clean(ed)
 
 
@@ -203,3 +213,23 @@ def test_missing_llama_cpp_names_what_to_install(editor: Factory, tmp_path: Path
     assert len(errors) == 1, ed.messages()
     assert re.search(r"\S+python\S* -m pip install '" + re.escape(LLAMA) + "'", errors[0])
     assert "Traceback" not in ed.messages()
+
+
+def test_mledit_works_through_the_fallback(editor: Factory) -> None:
+    ed = editor(api_url=nowhere(), params=chat_params(24))
+    source = ["def add(a, b):", "    return a+b", "", "print(add(1, 2))"]
+    ed.nvim.current.buffer[:] = source
+    ed.nvim.command("setfiletype python")
+    ed.nvim.command("1,2MLEdit Add a docstring")
+    data = ed.wait_finished(timeout=300)[0]
+    assert data["ok"] and data["kind"] == "edit" and data["backend"] == "fallback", data
+    (proposal,) = ed.proposals()
+    assert proposal["state"] == "ready" and "local fallback" in proposal["note"]
+    assert proposal["diff"] and proposal["same_tab"]
+    rewrite = proposal["lines"][: len(proposal["lines"]) - 2]  # the two lines after stay
+    assert proposal["lines"][-2:] == source[2:]
+    assert ed.nvim.api.buf_get_lines(1, 0, -1, False) == source  # not before accepting
+    ed.nvim.command("MLAccept")
+    assert ed.proposals() == []
+    assert ed.nvim.api.buf_get_lines(1, 0, -1, False) == rewrite + source[2:]
+    assert_clean(ed)

@@ -10,8 +10,6 @@ import json
 import re
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,34 +18,11 @@ import httpx
 import pytest
 
 from helpers import REPO, ServerProcess, free_port
-from nvim_harness import (
-    Editor,
-    RecordingProxy,
-    chat_params,
-    nvim_binary,
-)
+from nvim_harness import Editor, StubServer, nvim_binary
 
 pytestmark = pytest.mark.timeout(600)
 
 Factory = Callable[..., Editor]
-USAGE = re.compile(r"_(\d+) tokens · [\d.]+ tokens/s · [\d.]+ s · (\d+) prompt tokens · (.+)_$")
-
-
-def keys(ed: Editor, text: str) -> None:
-    """Type as a user would (mappings apply)."""
-    ed.nvim.feedkeys(ed.nvim.replace_termcodes(text, True, False, True), "m", False)
-
-
-def answer_of(text: str) -> tuple[str, str]:
-    """The last answer in a chat float and its footer line."""
-    body = text.rsplit("### Assistant\n", 1)[1]
-    answer, footer = body.rsplit("\n\n", 1)
-    return answer, footer
-
-
-def streamed(ed: Editor, buf: int) -> str:
-    """What has arrived so far under the last '### Assistant' heading."""
-    return ed.float_text(buf).rsplit("### Assistant\n", 1)[1]
 
 
 def requests_status(url: str) -> dict[str, Any]:
@@ -61,33 +36,41 @@ def assert_clean(ed: Editor) -> None:
 # --- registration, commands, keymaps -----------------------------------------------------
 
 
+COMMANDS = ("MLChat", "MLChatNew", "MLChatSend", "MLChatToggle", "MLChatHistory",
+            "MLChatDelete", "MLEdit", "MLAccept", "MLReject", "MLStatus", "MLEmbed", "MLModels")
+GLOBAL_KEYS = (("mc", "MLChat"), ("mt", "MLChatToggle"), ("mh", "MLChatHistory"),
+               ("mi", "MLEdit"), ("ms", "MLStatus"), ("me", "MLEmbed"), ("mm", "MLModels"))
+
+
 def test_commands_keymaps_and_plug_maps(editor: Factory) -> None:
     ed = editor(keymaps={"models": False, "status": "<leader>xs"})
     commands = ed.nvim.api.get_commands({})
-    for name in ("MLChat", "MLStatus", "MLEmbed", "MLModels"):
-        assert "remote#define" in commands[name]["definition"], commands[name]
-    assert commands["MLChat"]["range"] == "." and commands["MLChat"]["nargs"] == "*"
+    for name in COMMANDS:
+        assert commands[name]["definition"].startswith("ml-offload: "), commands[name]
+    for name in ("MLChat", "MLChatNew", "MLEdit", "MLEmbed"):
+        assert commands[name]["range"] == "." and commands[name]["nargs"] == "*", name
+    # The commands reach the remote plugin through its registered function.
+    assert ed.nvim.funcs.exists("#FuncUndefined#MLOffloadCall") == 1
 
     def rhs(mode: str, lhs: str) -> str:
         return str(ed.nvim.funcs.maparg(lhs, mode))
 
     for mode in ("n", "x"):
         assert rhs(mode, "<leader>mc") == "<Plug>(MLChat)"
-        assert rhs(mode, "<leader>me") == "<Plug>(MLEmbed)"
+        assert rhs(mode, "<leader>mi") == "<Plug>(MLEdit)"
         assert rhs(mode, "<leader>xs") == "<Plug>(MLStatus)"
         assert rhs(mode, "<leader>ms") == ""  # remapped
         assert rhs(mode, "<leader>mm") == ""  # disabled with false
-        for plug in ("MLChat", "MLStatus", "MLEmbed", "MLModels"):
+        for _, plug in GLOBAL_KEYS:
             assert plug in rhs(mode, f"<Plug>({plug})")
-    # In visual mode chat and embed pass the selection as a range (":" inserts '<,'>).
-    assert rhs("x", "<Plug>(MLChat)") == ":MLChat<CR>"
-    assert rhs("x", "<Plug>(MLEmbed)") == ":MLEmbed<CR>"
+    # In visual mode the range commands get the selection (":" inserts '<,'>).
+    for plug in ("MLChat", "MLEmbed", "MLEdit"):
+        assert rhs("x", f"<Plug>({plug})") == f":{plug}<CR>"
     assert rhs("n", "<Plug>(MLChat)") == "<Cmd>MLChat<CR>"
     # Defaults, and setup() again restores them.
     ed.lua("require('ml-offload').setup({})")
     for mode in ("n", "x"):
-        for lhs, plug in (("mc", "MLChat"), ("ms", "MLStatus"), ("me", "MLEmbed"),
-                          ("mm", "MLModels")):
+        for lhs, plug in GLOBAL_KEYS:
             assert rhs(mode, f"<leader>{lhs}") == f"<Plug>({plug})"
         assert rhs(mode, "<leader>xs") == ""
     assert ed.lua("return require('ml-offload.config').get().api_url") == "http://127.0.0.1:9000"
@@ -95,10 +78,81 @@ def test_commands_keymaps_and_plug_maps(editor: Factory) -> None:
     assert_clean(ed)
 
 
+def test_setup_checks_types_and_sets_default_highlights(editor: Factory) -> None:
+    ed = editor()
+    for opts, named in (({"timeout": "soon"}, "timeout"), ({"chat": {"layout": "popup"}},
+                                                           "chat.layout"),
+                        ({"keymaps": {"chat": 3}}, "keymaps.chat"),
+                        ({"window": {"width": 2}}, "window.width")):
+        err = ed.lua("local ok, e = pcall(require('ml-offload').setup, ...); return e", opts)
+        assert "ml-offload: setup(): " in err and named in err, err
+    ed.lua("require('ml-offload').setup({})")
+    # Lists replace, tables merge.
+    ed.lua("require('ml-offload').setup({ diff = { keymaps = { reject = { 'x' } } } })")
+    assert ed.lua("return require('ml-offload.config').get().diff.keymaps.reject") == ["x"]
+    assert ed.lua("return require('ml-offload.config').get().diff.keymaps.accept") == "ga"
+    # The groups are set when the first window opens; the user's own colours win.
+    ed.nvim.command("highlight MLOffloadTitle guifg=#ff0000")
+    ed.nvim.command("MLChatNew")
+    ed.wait(lambda: ed.chats(), what="a chat window")
+    for group, link in (("MLOffloadNormal", "NormalFloat"), ("MLOffloadBorder", "FloatBorder"),
+                        ("MLOffloadWaiting", "DiagnosticWarn"), ("MLOffloadError",
+                                                                 "DiagnosticError")):
+        assert ed.nvim.api.get_hl(0, {"name": group})["link"] == link
+    assert ed.nvim.api.get_hl(0, {"name": "MLOffloadTitle"}).get("fg") == 0xFF0000
+    assert "FloatTitle:MLOffloadTitle" in ed.lua("return vim.wo.winhighlight")
+    ed.nvim.command("colorscheme default")  # clears the groups; they come back
+    assert ed.nvim.api.get_hl(0, {"name": "MLOffloadNormal"})["link"] == "NormalFloat"
+    assert_clean(ed)
+
+
+def test_lua_and_python_agree_on_the_boundary(editor: Factory) -> None:
+    """Every Lua function Python calls is in rpc.lua's list and the other way round; every
+    action the Lua layer requests is in Python's action table; only lua.py calls Lua."""
+    from mloffload.nvim import lua as lua_wrapper
+
+    ed = editor()
+    exports = ed.lua("return require('ml-offload.rpc').names()")
+    wrapper = (REPO / "python/mloffload/nvim/lua.py").read_text()
+    called = sorted(set(re.findall(r'self\._call\("(\w+)"', wrapper)))
+    assert called == exports
+    assert all(hasattr(lua_wrapper.Lua, name) for name in exports)
+    for path in (REPO / "python/mloffload/nvim").rglob("*.py"):
+        if path.name != "lua.py":
+            assert "exec_lua" not in path.read_text(), path
+
+    lua_files = "\n".join(p.read_text() for p in (REPO / "lua").rglob("*.lua"))
+    requested = set(re.findall(r'request\(\s*"(\w+)"', lua_files))
+    table = ed.lua("local out = {} for _, k in pairs(require('ml-offload.float').kinds) do "
+                   "for _, key in ipairs(k.keys) do table.insert(out, key[2]) end end "
+                   "return out")
+    requested |= {a for a in table if a != "close"}
+    names = set(_action_names())
+    assert requested <= names, requested - names
+    assert {"history_open", "history_remove", "chat", "edit", "proposal_closed"} <= names
+
+
+def _action_names() -> list[str]:
+    """The real action table, built as the plugin builds it."""
+    from mloffload.nvim.actions import Actions
+    from mloffload.nvim.app import PARTS
+    from mloffload.nvim.bridge import Bridge
+    from mloffload.nvim.requests import Requests
+    from mloffload.nvim.routing import Router
+    from mloffload.nvim.services import Services
+
+    bridge = Bridge(None)
+    services = Services(bridge, Router(), Requests(bridge))
+    actions = Actions()
+    for make in PARTS:
+        actions.add(make(services).actions())
+    return actions.names()
+
+
 def test_the_default_port_is_9000_everywhere() -> None:
     """The seed's port-8000 mistake must not exist in the plugin or its docs."""
     paths = [*REPO.glob("lua/**/*.lua"), *REPO.glob("plugin/*.lua"),
-             *REPO.glob("rplugin/**/*.py"), *REPO.glob("python/mloffload/nvim/*.py"),
+             *REPO.glob("rplugin/**/*.py"), *REPO.glob("python/mloffload/nvim/**/*.py"),
              REPO / "doc/ml-offload.txt"]
     for path in paths:
         assert not re.search(r"\b8000\b", path.read_text()), path
@@ -143,184 +197,24 @@ def test_helptags_run_clean(tmp_path: Path) -> None:
         assert f"{tag}\t" in tags, tag
 
 
-# --- chat ----------------------------------------------------------------------------------
+def test_setup_generates_missing_help_tags(editor: Factory, tmp_path: Path) -> None:
+    """A manual runtimepath install has no doc/tags (E149 for :help ml-offload): setup()
+    writes them when the folder is writable."""
+    import shutil
 
-
-def test_chat_streams_into_a_float_and_matches_the_server(editor: Factory, server: ServerProcess
-                                                           ) -> None:
-    proxy = RecordingProxy(server.url)
-    try:
-        ed = editor(api_url=proxy.url, params=chat_params(32))
-        ed.nvim.command("MLChat Explain what a GGUF file is")
-        chat = ed.wait_float(what="the chat float")
-        buf = chat["buf"]
-        assert chat["filetype"] == "markdown"
-        lengths: list[int] = []
-        finished: list[Any] = []
-
-        def poll() -> bool:
-            text = ed.float_text(buf)
-            body = text.split("### Assistant\n", 1)[1]
-            if body and (not lengths or lengths[-1] != len(body)):
-                lengths.append(len(body))
-            finished.extend(e for e in ed.lua("return _G.ml_test_events") if
-                            e[0] == "MLOffloadRequestFinished")
-            return bool(finished)
-
-        ed.wait(poll, timeout=240, interval=0.02, what="the answer")
-        text = ed.float_text(buf)
-        answer, footer = answer_of(text)
-        (request, streamed), = proxy.chats()
-        assert answer == streamed and answer.strip()
-        # It grew while streaming: several partial lengths before the footer arrived.
-        assert len([n for n in lengths if n < len(answer)]) >= 2, lengths
-        m = USAGE.match(footer)
-        assert m, footer
-        assert int(m.group(1)) == 32 and m.group(3) == "llamacpp"
-        title = ed.floats()[0]["title"]
-        assert "default" in title and "llamacpp" in title, title
-        assert request["messages"] == [{"role": "user",
-                                        "content": "Explain what a GGUF file is"}]
-        assert request["stream"] is True and request["model"] == "default"
-        data = finished[0][1]
-        assert data["ok"] and data["backend"] == "server" and data["completion_tokens"] == 32
-        assert_clean(ed)
-    finally:
-        proxy.close()
-
-
-def test_visual_selection_and_followup_carry_context_and_history(
-        editor: Factory, server: ServerProcess) -> None:
-    proxy = RecordingProxy(server.url)
-    try:
-        ed = editor(api_url=proxy.url, params=chat_params(12), system_prompt="Answer briefly.")
-        ed.nvim.command("setfiletype lua")
-        ed.nvim.current.buffer[:] = ["local answer = 42", "print(answer)", "return answer"]
-        keys(ed, "ggVj<leader>mc")
-        ed.wait(lambda: ed.nvim.api.get_mode()["mode"] == "c", what="the question prompt")
-        ed.nvim.input("What does this do?<CR>")
-        chat = ed.wait_float(what="the chat float")
-        ed.wait_event("finished")
-        text = ed.float_text(chat["buf"])
-        assert "local answer = 42\nprint(answer)\n```" in text and "return answer" not in text
-        assert "```lua\n" in text
-        first_answer, _ = answer_of(text)
-        # The follow-up key asks for the next question in the same float.
-        ed.nvim.input("<CR>")
-        ed.wait(lambda: ed.nvim.api.get_mode()["mode"] == "c", what="the follow-up prompt")
-        ed.nvim.input("And in Python?<CR>")
-        ed.wait_event("finished", 2)
-        (req1, ans1), (req2, ans2) = proxy.chats()
-        system = {"role": "system", "content": "Answer briefly."}
-        assert req1["messages"][0] == system
-        assert "local answer = 42\nprint(answer)" in req1["messages"][1]["content"]
-        assert req2["messages"] == [
-            system,
-            req1["messages"][1],
-            {"role": "assistant", "content": ans1},
-            {"role": "user", "content": "And in Python?"},
-        ]
-        assert ans1 == first_answer
-        text = ed.float_text(chat["buf"])
-        assert text.count("### You") == 2 and "And in Python?" in text
-        assert answer_of(text)[0] == ans2
-        assert_clean(ed)
-    finally:
-        proxy.close()
-
-
-def test_chat_without_prompt_asks_for_it(editor: Factory, server: ServerProcess) -> None:
-    ed = editor(api_url=server.url, params=chat_params(4))
-    ed.nvim.command("MLChat")
-    ed.wait(lambda: ed.nvim.api.get_mode()["mode"] == "c", what="the prompt")
-    assert ed.floats() == []
-    ed.nvim.input("hello<CR>")
-    chat = ed.wait_float(what="the chat float")
-    ed.wait_event("finished")
-    assert ed.float_text(chat["buf"]).startswith("### You\nhello\n\n### Assistant\n")
+    plugin = tmp_path / "ml-offload"
+    for part in ("lua", "plugin", "doc"):
+        shutil.copytree(REPO / part, plugin / part, ignore=shutil.ignore_patterns("tags"))
+    assert not (plugin / "doc/tags").exists()
+    ed = editor()
+    ed.nvim.command(f"set runtimepath^={plugin}")
+    ed.lua("package.loaded['ml-offload'] = nil; for k in pairs(package.loaded) do "
+           "if k:match('^ml%-offload') then package.loaded[k] = nil end end")
+    assert ed.lua("return require('ml-offload').setup({}) ~= nil")
+    assert (plugin / "doc/tags").exists()
+    ed.nvim.command("help ml-offload")
+    assert ed.nvim.current.buffer.name == str(plugin / "doc/ml-offload.txt")
     assert_clean(ed)
-
-
-def test_editor_answers_while_streaming_and_ctrl_c_cancels(editor: Factory,
-                                                           server: ServerProcess) -> None:
-    ed = editor(api_url=server.url, params=chat_params(1500))
-    before = requests_status(server.url)
-    ed.nvim.command("MLChat Count from one to one thousand, one number per line")
-    buf = ed.wait_float(what="the chat float")["buf"]
-    ed.wait(lambda: len(streamed(ed, buf)) > 10, timeout=240,
-            what="the answer to start")
-    # While it streams: the editor answers RPC requests, and the user can move around.
-    assert ed.lua("return require('ml-offload').status()") == "ML chat"
-    assert ed.nvim.eval("1 + 1") == 2
-    assert ed.nvim.api.get_mode()["blocking"] is False
-    ed.nvim.api.win_set_cursor(0, [1, 0])
-    size = len(ed.float_text(buf))
-    ed.wait(lambda: len(ed.float_text(buf)) > size, what="more text")
-    assert ed.nvim.api.win_get_cursor(0) == [1, 0]  # text went to the end, not the cursor
-    assert ed.lua("return #vim.tbl_filter(function(e) return e[1] == "
-                  "'MLOffloadRequestFinished' end, _G.ml_test_events)") == 0
-    ed.nvim.input("<C-c>")
-    data = ed.wait_event("finished")[0]
-    assert data["cancelled"] and not data["ok"]
-    text = ed.float_text(buf)
-    assert text.endswith("_cancelled · llamacpp_")
-    time.sleep(1.0)
-    assert ed.float_text(buf) == text  # nothing more arrives
-    ed.wait(lambda: requests_status(server.url)["cancelled"] > before["cancelled"], timeout=30,
-            what="the server to record the cancel")
-    after = requests_status(server.url)
-    assert after["active"] == 0
-    assert after["tokens_generated"] - before["tokens_generated"] < 1500
-    assert_clean(ed)
-
-
-def test_ctrl_c_drops_a_chat_waiting_in_the_server_queue(editor: Factory,
-                                                         server: ServerProcess) -> None:
-    """<C-c> must reach the server even when no text has arrived yet (request queued)."""
-    started = threading.Event()
-    stop = threading.Event()
-
-    def occupy() -> None:  # another client holds the model meanwhile
-        body = {"prompt": "Once upon a time", "max_tokens": 1500, "stream": True}
-        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=300) as r:
-            for _ in r.iter_lines():
-                started.set()
-                if stop.is_set():
-                    return
-
-    other = threading.Thread(target=occupy)
-    other.start()
-    try:
-        assert started.wait(120)
-        before = requests_status(server.url)
-        # A long read timeout: only the cancel itself can end the wait.
-        ed = editor(api_url=server.url, params=chat_params(50), timeout=600_000)
-        ed.nvim.command("MLChat hello")
-        ed.wait(lambda: requests_status(server.url)["queued"] == 1, timeout=60,
-                what="the chat to wait in the server's queue")
-        ed.nvim.input("<C-c>")
-        data = ed.wait_event("finished")[0]
-        assert data["cancelled"]
-        ed.wait(lambda: requests_status(server.url)["cancelled"] > before["cancelled"],
-                timeout=30, what="the server to drop the queued request")
-        now = requests_status(server.url)
-        assert now["queued"] == 0 and now["active"] == 1  # the other one still runs
-        assert_clean(ed)
-    finally:
-        stop.set()
-        other.join(120)
-
-
-def test_http_error_is_one_clear_notification(editor: Factory, server: ServerProcess) -> None:
-    ed = editor(api_url=server.url, model="no-such-model", params=chat_params(4))
-    ed.nvim.command("MLChat hi")
-    data = ed.wait_event("finished")[0]
-    assert not data["ok"] and data["backend"] == "server"
-    errors = ed.error_lines()
-    assert len(errors) == 1, ed.messages()
-    assert "ml-offload: server error 404: The model 'no-such-model' does not exist" in errors[0]
-    assert "Traceback" not in ed.messages()
-    assert "(local fallback)" not in ed.floats()[0]["title"]  # a live server's answer stands
 
 
 # --- status, models, embed -----------------------------------------------------------------
@@ -348,7 +242,7 @@ def test_status_float(editor: Factory, server: ServerProcess) -> None:
         assert "█" in text or "░" in text
     else:
         assert f"VRAM      no GPU: {vram['reason']}" in text
-    keys(ed, "q")
+    ed.keys("q")
     ed.wait(lambda: ed.floats() == [], what="q to close the float")
     assert_clean(ed)
 
@@ -358,20 +252,27 @@ def test_models_float_and_select(editor: Factory, server: ServerProcess) -> None
     ed.nvim.command("MLModels")
     ed.wait_event("finished")
     cards = httpx.get(server.url + "/v1/models", timeout=10).json()["data"]
+    n_ctx = httpx.get(server.url + "/api/backend/info", timeout=10).json()["settings"]["n_ctx"]
     win = ed.floats()[0]
     assert "models" in win["title"] and "llamacpp" in win["title"]
     lines = win["lines"]
+    current = next(c["id"] for c in cards if "default" in c["meta"]["aliases"])
+    cursor = ed.nvim.api.win_get_cursor(win["win"])[0]
+    assert lines[cursor - 1].startswith(f"* {current} ")  # on the current model, not the header
     for card in cards:
         meta = card["meta"]
         row = next(i for i, line in enumerate(lines) if f" {card['id']} " in line)
         line = lines[row]
-        assert meta["quantization"] in line and str(meta["context_length"]) in line
+        # the context the server runs (n_ctx), not the file's trained length
+        served = min(n_ctx, meta["context_length"])
+        assert meta["quantization"] in line and re.search(rf"\s{served}\s", line), line
+        assert served == n_ctx == 2048 and str(meta["context_length"]) not in line
         assert f"{meta['file_size'] / 1024**2:.0f} MiB" in line
         assert ("loaded" in line) == meta["loaded"]
     target = cards[0]["id"]
     row = next(i for i, line in enumerate(lines) if f" {target} " in line)
     ed.nvim.api.win_set_cursor(win["win"], [row + 1, 0])
-    keys(ed, "<CR>")
+    ed.keys("<CR>")
     ed.wait(lambda: ed.lua("return require('ml-offload.config').get().model") == target,
             what="the model to be selected")
     ed.wait(lambda: f"model set to {target} for later requests" in ed.messages(),
@@ -385,7 +286,7 @@ def test_embed_selection_notifies_dimensions(editor: Factory, server: ServerProc
                       json={"model": "default", "input": "x"}).json()["data"][0]["embedding"]
     ed = editor(api_url=server.url, embed_register="e")
     ed.nvim.current.buffer[:] = ["alpha", "beta", "gamma"]
-    keys(ed, "jVj<leader>me")
+    ed.keys("jVj<leader>me")
     ed.wait_event("finished")
     assert f"ml-offload: embedding: {len(dims)} dimensions (default)" in ed.messages()
     vector = json.loads(ed.nvim.funcs.getreg("e"))
@@ -393,7 +294,59 @@ def test_embed_selection_notifies_dimensions(editor: Factory, server: ServerProc
         "model": "default", "input": "beta\ngamma"}).json()["data"][0]["embedding"]
     assert len(vector) == len(dims)
     assert max(abs(a - b) for a, b in zip(vector, direct, strict=True)) < 1e-4
+    # Normal mode on an empty line: what is empty, not "select some text".
+    ed.nvim.current.buffer[:] = ["alpha", ""]
+    ed.nvim.api.win_set_cursor(0, [2, 0])
+    ed.keys("<leader>me")
+    ed.wait(lambda: ed.notifications(3), what="the warning")
+    assert ed.notifications(3) == ["ml-offload: nothing to embed: the current line is empty "
+                                   "(:MLEmbed {text} embeds text)"]
+    assert len(ed.finished()) == 1  # nothing was sent
     assert_clean(ed)
+
+
+@pytest.mark.parametrize("status", [401, 404])
+def test_status_float_says_what_an_http_error_means(editor: Factory, status: int) -> None:
+    """Bug 2: with a server that answers 401 or 404, the float itself says so at once."""
+    stub = StubServer(status, "Not Found" if status == 404 else "Invalid API key",
+                      None if status == 404 else "invalid_api_key")
+    try:
+        ed = editor(api_url=stub.url)
+        ed.nvim.command("MLStatus")
+        win = ed.wait_float(lambda f: "error" in "\n".join(f["lines"]), timeout=10,
+                            what="the error in the float")
+        text = "\n".join(win["lines"])
+        assert "checking" not in text and f"server error {status}" in text
+        if status == 401:
+            assert "set api_key in require('ml-offload').setup() or $ML_OFFLOAD_API_KEY" in text
+        else:
+            assert "is api_url" in text and "an ml-offload server?" in text
+        assert "Traceback" not in ed.messages()
+    finally:
+        stub.close()
+
+
+def test_floats_stay_inside_a_resized_editor(editor: Factory) -> None:
+    """Bug 6: after VimResized every float (chat and information) fits again."""
+    stub = StubServer(404, "Not Found", None)
+    try:
+        ed = editor(api_url=stub.url, window={"width": 0.9, "height": 0.8})
+        ed.nvim.command("MLChatNew")
+        ed.keys("<Esc>")
+        ed.nvim.command("MLStatus")
+        ed.wait_finished()
+        assert len(ed.floats()) == 2
+        ed.nvim.options["columns"] = 80
+        ed.nvim.options["lines"] = 24
+        for f in ed.floats():
+            cfg = ed.nvim.api.win_get_config(f["win"])
+            width = ed.nvim.api.win_get_width(f["win"])
+            height = ed.nvim.api.win_get_height(f["win"])
+            assert cfg["col"] + width + 2 <= 80, (cfg, width)
+            assert cfg["row"] + height + 2 <= 24 - 2, (cfg, height)
+        assert_clean(ed)
+    finally:
+        stub.close()
 
 
 # --- health --------------------------------------------------------------------------------
@@ -409,7 +362,7 @@ def test_checkhealth_with_the_server_up(editor: Factory, server: ServerProcess) 
     report = checkhealth(ed)
     assert "ERROR" not in report, report
     assert f"OK {server.url}: healthy (backend llamacpp)" in report
-    assert "OK remote plugin commands in the manifest" in report
+    assert "OK remote plugin functions in the manifest" in report
     assert "OK httpx" in report and "OK pynvim" in report
     assert "OK engine: llama-cpp-python" in report  # fallback readiness
     assert re.search(r"OK plan: \d+/\d+ layers on GPU", report)
@@ -424,3 +377,17 @@ def test_checkhealth_names_the_problem_when_the_server_is_down(editor: Factory) 
                      report), report
     assert "python -m mloffload.server" in report
     assert "off (fallback = false)" in report
+
+
+def test_checkhealth_on_a_refused_key_says_set_api_key(editor: Factory) -> None:
+    """Bug 4: a 401 is not "not reachable, start the server"."""
+    stub = StubServer(401)
+    try:
+        ed = editor(api_url=stub.url)
+        report = checkhealth(ed)
+        assert "ERROR the server refused the API key" in report, report
+        assert "set api_key in require('ml-offload').setup" in report
+        assert "ML_OFFLOAD_API_KEY" in report
+        assert "not reachable" not in report and "python -m mloffload.server" not in report
+    finally:
+        stub.close()

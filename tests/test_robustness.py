@@ -6,7 +6,6 @@ import concurrent.futures
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from unittest import mock
 import httpx
 import pytest
 
-from helpers import ServerProcess, assert_openai_error, free_port, sse_events
+from helpers import ServerProcess, assert_openai_error, free_port, sse_events, wait_for
 
 LONG = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0.9}
 
@@ -23,13 +22,6 @@ LONG = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0.9}
 def counters(url: str, headers: dict[str, str] | None = None) -> dict[str, int]:
     return dict(httpx.get(url + "/status", headers=headers, timeout=30).json()["requests"])
 
-
-def wait_for(predicate: Any, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

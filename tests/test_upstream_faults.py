@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +22,12 @@ import httpx
 import psutil
 import pytest
 
-from helpers import ServerProcess, assert_openai_error, free_port, sse_events
+from helpers import ServerProcess, assert_openai_error, free_port, sse_events, wait_for
 from llama_server import LlamaServer, llama_server_bin, proxy_env, running
 
 CHAT = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "Hello"}]
 
-
-def wait_for(check: Callable[[], bool], timeout: float = 120.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
 
 
 # --- a real llama-server that the tests stop, kill and restart ----------------------------------
@@ -306,7 +300,8 @@ def test_supervised_llama_server_is_restarted(data_dir: Path, tmp_path: Path) ->
         first = sup["pid"]
 
         os.kill(first, signal.SIGKILL)  # it crashes ...
-        wait_for(lambda: api.get("/health").status_code == 503, what="health to notice")
+        wait_for(lambda: api.get("/health").status_code == 503, timeout=120,
+                 what="health to notice")
 
         def back() -> bool:  # ... and comes back as a new process
             s = api.get("/api/backend/info").json()["supervisor"]

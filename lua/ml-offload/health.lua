@@ -52,13 +52,13 @@ M.required = {
       local ok, lines = pcall(vim.fn.readfile, path)
       local text = ok and table.concat(lines, "\n") or ""
       local missing = {}
-      for _, cmd in ipairs({ "MLChat", "MLStatus", "MLEmbed", "MLModels", "MLOffloadCall" }) do
+      for _, cmd in ipairs({ "MLOffloadCall", "MLOffloadHealth" }) do
         if not text:find("ml_offload.py", 1, true) or not text:find("'" .. cmd .. "'", 1, true) then
           table.insert(missing, cmd)
         end
       end
       if #missing == 0 then
-        return true, "remote plugin commands in the manifest " .. path
+        return true, "remote plugin functions in the manifest " .. path
       end
       return false,
         "not registered in " .. path .. ": " .. table.concat(missing, ", "),
@@ -141,6 +141,21 @@ function H.server(facts, fallback_on)
         "install the NVIDIA driver and nvidia-ml-py where the server runs",
       })
     end
+    return
+  end
+  if s.auth then
+    health.error("the server refused the API key: " .. tostring(s.error), {
+      "set api_key in require('ml-offload').setup({ api_key = ... })",
+      "or export ML_OFFLOAD_API_KEY before starting Neovim",
+    })
+    return
+  end
+  if s.status then
+    health.error("the server answered with an error: " .. tostring(s.error), {
+      "check that api_url points at an ml-offload server (default http://127.0.0.1:9000;"
+        .. " llama-server itself listens on 8080)",
+      "see the server's log",
+    })
     return
   end
   local advice = {

@@ -2,7 +2,8 @@
 ---
 --- The work (HTTP, streaming, the in-process fallback) happens in the remote plugin
 --- (rplugin/python3/ml_offload.py), in threads; this Lua layer holds the configuration,
---- the keymaps, the statusline state, the `User` events, and small UI helpers.
+--- the commands and keymaps, the windows (chat, floats, diffs), the statusline state and
+--- the `User` events. ml-offload.rpc is the boundary between the two.
 local config = require("ml-offload.config")
 
 local M = {}
@@ -16,19 +17,38 @@ M.events = {
   finished = "MLOffloadRequestFinished",
 }
 
---- Merge options over the defaults and set the global keymaps. Safe to call again.
+--- Generate the help tags when a manual install left them out (and the folder is ours
+--- to write), so that `:help ml-offload` works without running `:helptags` by hand.
+function H.helptags()
+  local source = debug.getinfo(1, "S").source:gsub("^@", "")
+  local doc = vim.fn.fnamemodify(source, ":p:h:h:h") .. "/doc"
+  if vim.fn.filereadable(doc .. "/ml-offload.txt") == 1 and vim.fn.filereadable(doc .. "/tags") == 0 then
+    if vim.fn.filewritable(doc) == 2 then
+      pcall(vim.cmd.helptags, vim.fn.fnameescape(doc))
+    end
+  end
+end
+
+--- Merge options over the defaults (type-checked) and set the global keymaps. Safe to call
+--- again: each call starts from the defaults. (The highlight groups are set when the first
+--- window of the plugin opens.)
+---@param opts? MLOffloadConfig
+---@return table the module
 function M.setup(opts)
   config.setup(opts)
   require("ml-offload.keymaps").apply(config.get().keymaps)
+  H.helptags()
   return M
 end
 
 --- Make `model` the model for later requests (what `<CR>` in :MLModels does).
+---@param model string
 function M.set_model(model)
   config.set("model", model)
 end
 
 --- A short string for statuslines: "" when idle, else what is running and where.
+---@return string
 function M.status()
   local n, item = 0, nil
   for _, r in pairs(H.active) do
@@ -44,39 +64,13 @@ function M.status()
 end
 
 --- Details behind `status()`: active requests and the last finished one.
+---@return { active: table, last: table? }
 function M.state()
   return { active = vim.deepcopy(H.active), last = vim.deepcopy(H.last) }
 end
 
---- Call the remote plugin (asynchronously). Explains how to register it if it is missing.
-function M.call(action, payload)
-  if vim.fn.exists("*MLOffloadCall") == 0 and vim.fn.exists("#FuncUndefined#MLOffloadCall") == 0 then
-    M.notify(
-      "the remote plugin is not registered: run :UpdateRemotePlugins and restart Neovim"
-        .. " (see :checkhealth ml-offload)",
-      vim.log.levels.ERROR
-    )
-    return
-  end
-  local ok, err = pcall(vim.fn.MLOffloadCall, action, payload or vim.empty_dict())
-  if not ok then
-    M.notify("the Python host failed: " .. tostring(err) .. " (see :checkhealth ml-offload)", vim.log.levels.ERROR)
-  end
-end
-
---- Ask the user for text (vim.ui.input), then send it to the remote plugin as payload.prompt.
-function M.ask(prompt, action, payload)
-  vim.schedule(function()
-    vim.ui.input({ prompt = prompt }, function(text)
-      if text and vim.trim(text) ~= "" then
-        payload = payload or {}
-        payload.prompt = text
-        M.call(action, payload)
-      end
-    end)
-  end)
-end
-
+---@param msg string
+---@param level? integer vim.log.levels
 function M.notify(msg, level)
   vim.notify("ml-offload: " .. msg, level or vim.log.levels.INFO, { title = "ml-offload" })
 end

@@ -2,27 +2,49 @@
 --- so users who map their own can use those instead.
 local M = {}
 
+--- name (the option under `keymaps`), its <Plug> map, the command, whether it takes a range.
 M.list = {
-  { name = "chat", plug = "<Plug>(MLChat)", desc = "ml-offload: chat (visual: about the selection)" },
-  { name = "status", plug = "<Plug>(MLStatus)", desc = "ml-offload: server status" },
-  { name = "embed", plug = "<Plug>(MLEmbed)", desc = "ml-offload: embed the line (visual: the selection)" },
-  { name = "models", plug = "<Plug>(MLModels)", desc = "ml-offload: models" },
+  { name = "chat", plug = "<Plug>(MLChat)", cmd = "MLChat", range = true, desc = "chat (visual: about the selection)" },
+  { name = "toggle", plug = "<Plug>(MLChatToggle)", cmd = "MLChatToggle", desc = "hide or show the chat" },
+  { name = "history", plug = "<Plug>(MLChatHistory)", cmd = "MLChatHistory", desc = "saved chats" },
+  { name = "edit", plug = "<Plug>(MLEdit)", cmd = "MLEdit", range = true, desc = "rewrite the line or selection" },
+  { name = "status", plug = "<Plug>(MLStatus)", cmd = "MLStatus", desc = "server status" },
+  {
+    name = "embed",
+    plug = "<Plug>(MLEmbed)",
+    cmd = "MLEmbed",
+    range = true,
+    desc = "embed the line (visual: the selection)",
+  },
+  { name = "models", plug = "<Plug>(MLModels)", cmd = "MLModels", desc = "models" },
 }
 
 M.modes = { "n", "x" }
 
+--- The <Plug> maps (run at startup by plugin/ml-offload.lua).
+function M.plugs()
+  for _, item in ipairs(M.list) do
+    local desc = "ml-offload: " .. item.desc
+    vim.keymap.set("n", item.plug, "<Cmd>" .. item.cmd .. "<CR>", { silent = true, desc = desc })
+    -- In visual mode ":" inserts '<,'>, so the command gets the selection.
+    local visual = item.range and (":" .. item.cmd .. "<CR>") or ("<Esc><Cmd>" .. item.cmd .. "<CR>")
+    vim.keymap.set("x", item.plug, visual, { silent = true, desc = desc })
+  end
+end
+
 local applied = {} -- lhs set by the last apply(), removed when setup() runs again
 
+---@param keys MLOffloadKeymaps
 function M.apply(keys)
   for _, m in ipairs(applied) do
     pcall(vim.keymap.del, m.mode, m.lhs)
   end
   applied = {}
+  local config = require("ml-offload.config")
   for _, item in ipairs(M.list) do
-    local lhs = keys and keys[item.name]
-    if lhs and lhs ~= "" then
+    for _, lhs in ipairs(config.keys(keys and keys[item.name])) do
       for _, mode in ipairs(M.modes) do
-        vim.keymap.set(mode, lhs, item.plug, { remap = true, silent = true, desc = item.desc })
+        vim.keymap.set(mode, lhs, item.plug, { remap = true, silent = true, desc = "ml-offload: " .. item.desc })
         table.insert(applied, { mode = mode, lhs = lhs })
       end
     end

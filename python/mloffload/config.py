@@ -157,6 +157,9 @@ class Settings:
     host: str = setting("127.0.0.1", str, "address to bind; loopback unless you set an API key",
                         "ADDR")
     port: int = setting(9000, parse_int, "TCP port of the API", "PORT")
+    ollama_port: int = setting(
+        0, parse_int, "also serve the same API on this port, e.g. 11434 (Ollama's) for "
+        "clients that cannot be pointed elsewhere (0: off)", "PORT")
     data_dir: Path = setting(
         Path(), _path, "where the registry database and the embedded default model live",
         "DIR", shown="$XDG_DATA_HOME/ml-offload", factory=default_data_dir)
@@ -356,6 +359,9 @@ def settings_from(values: Mapping[str, Any]) -> Settings:
 def _validate(s: Settings) -> None:
     if not 0 < s.port < 65536:
         raise ConfigError(f"port must be between 1 and 65535, not {s.port}")
+    if not 0 <= s.ollama_port < 65536 or s.ollama_port == s.port:
+        raise ConfigError(f"ollama_port must be 0 (off) or a port from 1 to 65535 other than "
+                          f"port {s.port}, not {s.ollama_port}")
     if s.n_ctx < 16:
         raise ConfigError(f"n_ctx must be at least 16, not {s.n_ctx}")
     if s.max_tokens < 0 or s.default_max_tokens < 0:

@@ -5,6 +5,9 @@ at import time: the implementation (``mloffload.nvim``) is imported on the first
 When the ``mloffload`` package is not installed in the host Python, the checkout's own
 ``python/`` folder is used, so a plugin manager's clone works with only ``pynvim`` and
 ``httpx`` installed.
+
+The user commands are the Lua layer's (``lua/ml-offload/commands.lua``); they reach the
+plugin through ``MLOffloadCall(action, payload)``.
 """
 
 from __future__ import annotations
@@ -20,14 +23,6 @@ import pynvim
 _CHECKOUT_PYTHON = Path(__file__).resolve().parent.parent.parent / "python"
 if importlib.util.find_spec("mloffload") is None and _CHECKOUT_PYTHON.is_dir():
     sys.path.insert(0, str(_CHECKOUT_PYTHON))
-
-# Evaluated by Neovim when :MLChat runs. pynvim passes only <line1>,<line2>, which look the
-# same with and without a range; <range> says which. The first call of a remote command goes
-# through remote#define#CommandBootstrap, which re-runs it with an explicit range: then
-# "first" holds the count of the user's own call (substituted into the bootstrap
-# definition) and "range" the count of the re-run. mloffload.nvim.app.range_given reads it.
-RANGE_EVAL = ('{"range": <lt>range>, "first": <range>, '
-              '"boot": expand("<stack>") =~# "CommandBootstrap", "ft": &filetype}')
 
 
 @pynvim.plugin
@@ -51,29 +46,13 @@ class MLOffload:
 
     def _report(self, exc: Exception) -> None:
         try:
-            from mloffload.nvim.app import user_error
+            from mloffload.nvim.errors import user_error
 
             message = user_error(exc)
         except Exception:
             message = f"{type(exc).__name__}: {exc}"
         with contextlib.suppress(Exception):
             self.nvim.exec_lua("require('ml-offload').notify(...)", message, 4)
-
-    @pynvim.command("MLChat", nargs="*", range="", eval=RANGE_EVAL)
-    def ml_chat(self, args: list[str], rng: list[int], ev: dict[str, Any]) -> None:
-        self._run("chat_command", args, rng, ev)
-
-    @pynvim.command("MLStatus")
-    def ml_status(self) -> None:
-        self._run("status_command")
-
-    @pynvim.command("MLEmbed", nargs="*", range="")
-    def ml_embed(self, args: list[str], rng: list[int]) -> None:
-        self._run("embed_command", args, rng)
-
-    @pynvim.command("MLModels")
-    def ml_models(self) -> None:
-        self._run("models_command")
 
     @pynvim.function("MLOffloadCall")
     def ml_offload_call(self, args: list[Any]) -> None:

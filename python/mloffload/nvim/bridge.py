@@ -2,7 +2,8 @@
 
 pynvim's rule: only the event loop may call Neovim. Worker threads hand callables to
 ``later``, which goes through ``nvim.async_call``. Every callable runs guarded: a failure
-is logged and never reaches the user as a traceback.
+is logged and never reaches the user as a traceback. Neovim's Lua is reached only through
+``self.lua`` (``lua.Lua``, the typed list of what may be called).
 """
 
 from __future__ import annotations
@@ -12,32 +13,29 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from .lua import Lua
+
 log = logging.getLogger("mloffload.nvim")
 
 LEVELS = {"debug": 1, "info": 2, "warn": 3, "error": 4}
-
-_CALL_LUA = "local mod, fn = ...; return require(mod)[fn](select(3, ...))"
 
 
 class Bridge:
     def __init__(self, nvim: Any) -> None:
         self.nvim = nvim
+        self.lua = Lua(nvim)
 
     # --- on the event loop ------------------------------------------------------------
-
-    def lua(self, module: str, fn: str, *args: Any) -> Any:
-        """``require(module)[fn](...)`` in Neovim; returns its result."""
-        return self.nvim.exec_lua(_CALL_LUA, module, fn, *args)
 
     def notify(self, message: str, level: str = "info") -> None:
         """One clear message, prefixed "ml-offload: " (vim.notify, so it lands in :messages)."""
         try:
-            self.lua("ml-offload", "notify", message, LEVELS[level])
+            self.lua.notify(message, LEVELS[level])
         except Exception:  # the editor is going away, or the Lua layer is missing
             log.exception("notify failed: %s", message)
 
     def event(self, stage: str, data: dict[str, Any]) -> None:
-        self.lua("ml-offload", "_event", stage, data)
+        self.lua.event(stage, data)
 
     # --- from any thread ----------------------------------------------------------------
 

@@ -7,16 +7,25 @@ drives the server and the in-process fallback with the same code.
 
 A failure to *connect* (refused, DNS, connect timeout) is ``ServerUnreachable``: the plugin
 then falls back to in-process inference. Anything the live server answers with an error is
-``ServerError`` carrying the server's own message; it never triggers the fallback.
+``ServerError`` carrying the server's own message (``AuthError`` for a refused key); it never
+triggers the fallback.
+
+While a streamed request waits in the server's queue, the server sends SSE comments
+``: queued N`` (N requests ahead) every second: ``chat`` reports them to ``on_queue``. They
+keep the connection busy, so the read timeout only ever fires on silence from a server
+that is answering.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import re
 import socket
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -41,14 +50,31 @@ class ServerUnreachable(ClientError):
 
 
 class ServerError(ClientError):
-    """The server answered with an error; the message is the server's own."""
+    """The server answered with an error; the message is the server's own, and what to do.
 
-    def __init__(self, status: int, message: str, type_: str = "", code: str | None = None):
-        super().__init__(f"server error {status}: {message}")
+    ``status`` is None for an error sent as an event inside a stream that had begun."""
+
+    def __init__(self, status: int | None, message: str, type_: str = "",
+                 code: str | None = None, hint: str = "") -> None:
+        where = f"server error {status}" if status is not None else "server error"
+        super().__init__(f"{where}: {message}" + (f" — {hint}" if hint else ""))
         self.status = status
         self.server_message = message
         self.type = type_
         self.code = code
+
+
+class AuthError(ServerError):
+    """The server refused our API key (or we sent none)."""
+
+
+AUTH_HINT = "set api_key in require('ml-offload').setup() or $ML_OFFLOAD_API_KEY"
+HINTS = {
+    "model_not_found": ":MLModels lists the models",
+    "context_length_exceeded": "start a new chat (:MLChatNew), or attach less context",
+    "rate_limit_exceeded": "the server's queue is full: try again in a moment",
+}
+QUEUED = re.compile(r"^:\s*queued\s+(\d+)")
 
 
 class ServerTimeout(ClientError):
@@ -73,16 +99,39 @@ def _reason(exc: httpx.HTTPError) -> str:
     return text
 
 
-def error_from_body(status: int, body: bytes) -> ServerError:
+def server_error(status: int | None, message: str, type_: str = "", code: str | None = None,
+                 where: str = "") -> ServerError:
+    """The error, with what to do about it: a refused key, an unknown model, a URL that is
+    not an ml-offload server."""
+    if status in (401, 403) or code in ("invalid_api_key", "unauthorized"):
+        return AuthError(status, message, type_, code,
+                         f"the server{f' at {where}' if where else ''} refused the API key: "
+                         f"{AUTH_HINT}")
+    hint = HINTS.get(code or "", "")
+    if not hint and status == 404:
+        hint = (f"is api_url ({where or 'the URL'}) an ml-offload server? It listens on 9000 "
+                "by default; llama-server itself on 8080")
+    return ServerError(status, message, type_, code, hint)
+
+
+def error_from_body(status: int, body: bytes, where: str = "") -> ServerError:
     """The OpenAI error shape ``{"error": {"message", "type", "code"}}``, or the raw text."""
     try:
         err = json.loads(body)["error"]
-        return ServerError(status, str(err["message"]), str(err.get("type") or ""),
-                           err.get("code"))
+        return server_error(status, str(err["message"]), str(err.get("type") or ""),
+                            err.get("code"), where)
     except (ValueError, KeyError, TypeError):
         text = body.decode("utf-8", "replace").strip()[:300] or httpx.codes.get_reason_phrase(
             status)
-        return ServerError(status, text)
+        return server_error(status, text, where=where)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+    """The model that really answers a name, and the context it runs with."""
+
+    id: str
+    n_ctx: int | None = None
 
 
 class _ConnectionCutter:
@@ -143,9 +192,13 @@ def _cut_on(cancel: threading.Event) -> Iterator[_ConnectionCutter]:
 class Client:
     """One API URL. Thread-safe (httpx's client is); each call is one request."""
 
+    FACTS_TTL = 5.0  # seconds a model's facts are reused
+
     def __init__(self, base_url: str = DEFAULT_API_URL, *, timeout: float = 30.0,
-                 connect_timeout: float = 1.0, api_key: str = "") -> None:
+                 connect_timeout: float = 1.0, api_key: str = "",
+                 transport: httpx.BaseTransport | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._options: dict[str, Any] = {
             "base_url": self.base_url,
@@ -155,6 +208,10 @@ class Client:
             # capture its requests.
             "trust_env": False,
         }
+        if transport is not None:
+            self._options["transport"] = transport
+        self._facts: dict[str, tuple[float, ModelFacts]] = {}
+        self._facts_lock = threading.Lock()
         try:
             self._http = httpx.Client(**self._options)
         except (httpx.InvalidURL, ValueError, TypeError) as exc:
@@ -167,8 +224,9 @@ class Client:
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
             return ServerUnreachable(self.base_url, _reason(exc))
         if isinstance(exc, httpx.TimeoutException):
-            return ServerTimeout(f"the server at {self.base_url} did not answer in time "
-                                 f"({type(exc).__name__}); raise `timeout` in setup()")
+            return ServerTimeout(f"the server at {self.base_url} went silent for "
+                                 f"{self.timeout:g} s ({type(exc).__name__}); raise `timeout` "
+                                 "in setup() if it is just slow")
         if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
             return ClientError(f"api_url {self.base_url!r} is not a valid http(s) URL")
         return StreamBroken(f"the connection to {self.base_url} broke: {_reason(exc)}")
@@ -185,7 +243,7 @@ class Client:
         except httpx.HTTPError as exc:
             raise self._translate(exc) from None
         if resp.status_code >= 400:
-            raise error_from_body(resp.status_code, resp.content)
+            raise error_from_body(resp.status_code, resp.content, self.base_url + path)
         try:
             return resp.json()
         except ValueError:
@@ -205,6 +263,32 @@ class Client:
         data = self.request_json("GET", "/v1/models")
         return list(data.get("data") or [])
 
+    def backend_info(self) -> dict[str, Any]:
+        data = self.request_json("GET", "/api/backend/info")
+        return data if isinstance(data, dict) else {}
+
+    def model_facts(self, name: str) -> ModelFacts:
+        """The registry id behind ``name`` (an alias such as "default" included) and the
+        context the server runs it with: ``/v1/models`` and ``/api/backend/info``, reused
+        for a few seconds."""
+        now = time.monotonic()
+        with self._facts_lock:
+            hit = self._facts.get(name)
+            if hit is not None and now - hit[0] < self.FACTS_TTL:
+                return hit[1]
+        facts = served_facts(name, self.models(), self._info_or_empty())
+        with self._facts_lock:
+            self._facts[name] = (now, facts)
+        return facts
+
+    def _info_or_empty(self) -> dict[str, Any]:
+        try:
+            return self.backend_info()
+        except AuthError:
+            raise
+        except ClientError:  # older servers, other backends: the facts are optional
+            return {}
+
     def embed(self, text: str, model: str) -> list[float]:
         data = self.request_json("POST", "/v1/embeddings", {"model": model, "input": text})
         try:
@@ -214,11 +298,13 @@ class Client:
 
     def chat(self, messages: Sequence[Mapping[str, Any]], model: str,
              params: Mapping[str, Any], result: GenerationResult,
-             cancel: threading.Event) -> Iterator[str]:
+             cancel: threading.Event,
+             on_queue: Callable[[int], None] | None = None) -> Generator[str, None, None]:
         """Stream a chat answer; stops (closing the HTTP stream) as soon as ``cancel`` is set.
 
         Nothing is sent until the first ``next()``; a connect failure raises
-        ``ServerUnreachable`` there, before any text.
+        ``ServerUnreachable`` there, before any text. ``on_queue(n)`` hears each
+        ``: queued n`` the server sends while the request waits for a model slot.
         """
         payload = {**params, "model": model, "messages": list(messages), "stream": True,
                    "stream_options": {"include_usage": True}}
@@ -228,12 +314,18 @@ class Client:
                     http.stream("POST", "/v1/chat/completions", json=payload,
                                 extensions={"trace": cutter.trace}) as resp:
                 if resp.status_code >= 400:
-                    raise error_from_body(resp.status_code, resp.read())
+                    raise error_from_body(resp.status_code, resp.read(),
+                                          self.base_url + "/v1/chat/completions")
                 for line in resp.iter_lines():
                     if cancel.is_set():
                         # Leaving the block closes the connection: the server stops generating.
                         result.finish_reason = FINISH_CANCELLED
                         return
+                    queued = QUEUED.match(line)
+                    if queued:
+                        if on_queue is not None:
+                            on_queue(int(queued.group(1)))
+                        continue
                     text = self._sse_line(line, result)
                     if text is None:
                         return
@@ -262,9 +354,9 @@ class Client:
         except ValueError:
             return ""
         if "error" in chunk:
-            err = chunk["error"] or {}
-            raise ServerError(200, str(err.get("message") or err), str(err.get("type") or ""),
-                              err.get("code"))
+            err = chunk["error"] if isinstance(chunk["error"], dict) else {}
+            raise server_error(None, str(err.get("message") or chunk["error"]),
+                               str(err.get("type") or ""), err.get("code"))
         usage = chunk.get("usage")
         if usage:
             result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
@@ -277,3 +369,31 @@ class Client:
             if content:
                 parts.append(str(content))
         return "".join(parts)
+
+
+def served_facts(name: str, cards: Sequence[Mapping[str, Any]],
+                 info: Mapping[str, Any]) -> ModelFacts:
+    """A name's model id (by id or alias) and its context: the loaded model's ``n_ctx``,
+    else the server's ``n_ctx`` setting (or llama-server's), at most the trained length."""
+    card = next((c for c in cards if c.get("id") == name
+                 or name in ((c.get("meta") or {}).get("aliases") or [])), None)
+    mid = str(card["id"]) if card else name
+    trained = _int(((card or {}).get("meta") or {}).get("context_length"))
+    n_ctx = None
+    for loaded in info.get("loaded_models") or []:
+        if isinstance(loaded, Mapping) and loaded.get("id") == mid:
+            n_ctx = _int(loaded.get("n_ctx"))
+    if n_ctx is None:
+        n_ctx = _int((info.get("settings") or {}).get("n_ctx")) or _int(
+            (info.get("upstream") or {}).get("n_ctx"))
+    if n_ctx is None or (trained is not None and trained < n_ctx):
+        n_ctx = trained if n_ctx is None else min(n_ctx, trained or n_ctx)
+    return ModelFacts(mid, n_ctx)
+
+
+def _int(value: Any) -> int | None:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None

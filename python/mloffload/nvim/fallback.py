@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import ConfigError, Settings, load_settings
 from ..engine.base import EngineError, GenerationResult, SamplingParams, sampling_from
 from ..engine.build import pinned
+from .client import ModelFacts
 
 if TYPE_CHECKING:
     from ..engine.llamacpp import LlamaCppEngine
@@ -117,7 +118,6 @@ class Fallback:
         self._registry: Registry | None = None
         self._timer: threading.Timer | None = None
         self._uses = 0  # bumped on every use, so a stale keep-alive timer does nothing
-        self.last_event: LoadEvent | None = None
 
     # --- configuration ----------------------------------------------------------------
 
@@ -169,6 +169,14 @@ class Fallback:
                                       f"{entry.reason}")
         return entry
 
+    def facts(self) -> ModelFacts:
+        """The model that answers (its registry id) and its context; loads nothing."""
+        entry = self.resolve()
+        n_ctx = self.settings().n_ctx
+        trained = entry.info.context_length if entry.info else 0
+        return ModelFacts(entry.id, min(n_ctx, trained) if trained and n_ctx else
+                          (n_ctx or trained or None))
+
     def plan(self, entry: ModelEntry) -> OffloadPlan:
         """The same offload plan the server would make for this model on this machine."""
         from ..engine.llamacpp import engine_facts
@@ -210,7 +218,6 @@ class Fallback:
         return loaded
 
     def _tell(self, on_load: OnLoad | None, event: LoadEvent) -> None:
-        self.last_event = event
         if on_load is not None:
             on_load(event)
 

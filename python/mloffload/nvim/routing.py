@@ -13,7 +13,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
-from .client import Client, ClientError, ServerUnreachable
+from .client import Client, ClientError, ModelFacts, ServerUnreachable
 from .options import PluginOptions
 
 if TYPE_CHECKING:
@@ -74,9 +74,6 @@ class Router:
                 self._fallback_key = key
             return self._fallback
 
-    def current_fallback(self) -> Fallback | None:
-        return self._fallback
-
     def route(self, opts: PluginOptions) -> Route:
         """Where this request goes. Runs in a worker thread (it makes an HTTP request)."""
         try:
@@ -97,6 +94,12 @@ class Router:
         except FallbackUnavailable as why:
             raise RouteError(f"{exc}; and {why}") from None
         return Route(FALLBACK, f"llama.cpp {FALLBACK_LABEL}", unreachable=exc.reason)
+
+    def facts(self, opts: PluginOptions, route: Route) -> ModelFacts:
+        """The model that will answer on ``route``, and its context. Worker thread."""
+        if route.is_fallback:
+            return self.fallback(opts).facts()
+        return self.client(opts).model_facts(opts.model)
 
     def release_fallback(self) -> None:
         fb = self._fallback

@@ -98,23 +98,37 @@ def _size(n: Any) -> str:
 MODELS_HEADER = 3  # lines before the first model in the models float
 
 
-def models_lines(cards: Sequence[Mapping[str, Any]], current: str,
-                 where: str) -> tuple[list[str], list[str]]:
-    """The `:MLModels` float and, per model line, the id that `<CR>` selects."""
+def models_lines(cards: Sequence[Mapping[str, Any]], current: str, where: str,
+                 n_ctx: Mapping[str, int | None] | None = None
+                 ) -> tuple[list[str], list[str], int]:
+    """The `:MLModels` float, per model line the id that `<CR>` selects, and the line
+    (1-based) of the current model (else the first model). ``context`` is the context the
+    backend runs each model with (``n_ctx``) when known, else the file's trained length."""
     lines = [f"# Models ({where}) — <CR> uses the model under the cursor", "",
              f"  {'id':<28} {'size':>9}  {'quant':<8} {'context':>8}  state"]
     ids = []
+    cursor = 0
     for card in cards:
         meta = card.get("meta") or {}
         mid = str(card.get("id"))
         aliases = [a for a in meta.get("aliases") or [] if a]
-        mark = "*" if current in (mid, *aliases) else " "
+        is_current = current in (mid, *aliases)
+        mark = "*" if is_current else " "
         state = "loaded" if meta.get("loaded") else "-"
         names = f"  ({', '.join(aliases)})" if aliases else ""
+        context = (n_ctx or {}).get(mid) or meta.get("context_length") or "?"
         lines.append(f"{mark} {mid:<28} {_size(meta.get('file_size')):>9}  "
                      f"{meta.get('quantization') or '?'!s:<8} "
-                     f"{meta.get('context_length') or '?'!s:>8}  {state}{names}")
+                     f"{context!s:>8}  {state}{names}")
         ids.append(mid)
+        if is_current and not cursor:
+            cursor = len(lines)
     if not ids:
         lines.append("  (no models in the registry)")
-    return lines, ids
+    return lines, ids, cursor or MODELS_HEADER + 1
+
+
+def error_lines(url: str, message: str) -> list[str]:
+    """The `:MLStatus` float when the server answered with an error: what, and what to do."""
+    return ["# ml-offload status", "", f"Server    {url}: error", "",
+            *(f"          {part.strip()}" for part in message.split(" — ")), ""]

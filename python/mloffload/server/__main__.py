@@ -86,13 +86,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         app = create_app(settings, registry)
-        log.info("ml-offload: default model %s, listening on http://%s:%d",
-                 registry.default_id(), settings.host, settings.port)
-        uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
-                    access_log=False, timeout_graceful_shutdown=5)
+        ports = [settings.port] + ([settings.ollama_port] if settings.ollama_port else [])
+        # The same app on every port (--ollama-port adds Ollama's); each bound as uvicorn would.
+        sockets = [uvicorn.Config(app, host=settings.host, port=port, log_config=None)
+                   .bind_socket() for port in ports]
+        log.info("ml-offload: default model %s, listening on %s", registry.default_id(),
+                 ", ".join(f"http://{settings.host}:{port}" for port in ports))
+        server = uvicorn.Server(uvicorn.Config(
+            app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+            timeout_graceful_shutdown=5))
+        server.run(sockets=sockets)
     finally:
         registry.close()
-    return 0
+    return 0 if server.started else 1
 
 
 if __name__ == "__main__":

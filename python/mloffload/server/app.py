@@ -21,6 +21,8 @@ from .backend import Backend
 from .errors import APIError, error_response, install_error_handlers
 from .guard import Guard
 from .mode import resolve_mode
+from .ollama.errors import render_error
+from .ollama.routes import router as ollama_router
 from .routes import router
 from .runner import Runtime
 from .stats import Stats
@@ -104,11 +106,13 @@ def create_app(settings: Settings, registry: Registry | None = None,
         summary="OpenAI-compatible API on llama.cpp, with GPU offload and model lifecycle",
         lifespan=lifespan,
     )
-    install_error_handlers(app)
+    install_error_handlers(app, render_error)
     app.include_router(router)
+    app.include_router(ollama_router)
     if settings.cors_origins:
         app.add_middleware(OpenAICORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(Guard, api_key=settings.api_key, max_body=settings.max_body, stats=stats)
+    app.add_middleware(Guard, api_key=settings.api_key, max_body=settings.max_body, stats=stats,
+                       render=render_error)
     return app

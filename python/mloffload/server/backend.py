@@ -92,8 +92,10 @@ class Backend(Protocol):
 
     async def health(self) -> Health: ...
 
-    async def load(self, name: str) -> dict[str, Any]:
-        """Load a model now (`POST /api/models/{id}/load`); the body of the answer."""
+    async def load(self, name: str, keep_alive: float | None = None) -> dict[str, Any]:
+        """Load a model now (`POST /api/models/{id}/load`, Ollama's empty prompt); the body
+        of the answer, with its ``id``. ``keep_alive`` (seconds) replaces the model's own
+        and restarts its timer (0: it unloads as soon as nothing runs on it)."""
         ...
 
     async def unload(self, name: str) -> dict[str, Any]:

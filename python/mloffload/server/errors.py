@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -121,30 +122,40 @@ def validation_error(exc: RequestValidationError) -> APIError:
     return APIError(400, text, param=param, code="invalid_value")
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    async def on_api_error(_: Request, exc: Exception) -> Response:
+ErrorRenderer = Callable[[str, APIError], Response]
+"""(request path, error) → the error response: the OpenAI shape, or another API's on its
+paths (Ollama's under /api)."""
+
+
+def openai_error(_: str, exc: APIError) -> Response:
+    return error_response(exc)
+
+
+def install_error_handlers(app: FastAPI, render: ErrorRenderer = openai_error) -> None:
+    async def on_api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, APIError)
-        return error_response(exc)
+        return render(request.url.path, exc)
 
-    async def on_validation(_: Request, exc: Exception) -> Response:
+    async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        return error_response(validation_error(exc))
+        return render(request.url.path, validation_error(exc))
 
-    async def on_http(_: Request, exc: Exception) -> Response:
+    async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         messages = {404: "No such endpoint.", 405: "Method not allowed on this endpoint."}
         message = messages.get(exc.status_code, str(exc.detail))
         headers = dict(exc.headers or {})
-        return error_response(APIError(exc.status_code, message, headers=headers))
+        return render(request.url.path, APIError(exc.status_code, message, headers=headers))
 
-    async def on_client_gone(_: Request, exc: Exception) -> Response:
+    async def on_client_gone(request: Request, exc: Exception) -> Response:
         # Nobody is listening; the status only shows in our access log and metrics.
-        return error_response(APIError(CLIENT_CLOSED_REQUEST, "Client closed the request.",
-                                       code="client_closed_request", type="cancelled"))
+        return render(request.url.path, APIError(
+            CLIENT_CLOSED_REQUEST, "Client closed the request.", code="client_closed_request",
+            type="cancelled"))
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(APIError(
+        return render(request.url.path, APIError(
             500, f"Internal server error ({type(exc).__name__}); the server keeps serving.",
             code="internal_error"))
 

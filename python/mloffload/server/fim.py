@@ -26,7 +26,7 @@ from .errors import APIError
 from .schemas import RANDOM_SEED, CompletionRequest, InfillRequest
 from .sse import DONE, ChunkTemplate, event
 
-FIM_UNSUPPORTED = "fim_not_supported"
+FIM_UNSUPPORTED = "fim_unsupported"
 _ADVICE = ("Use a model trained for it (Qwen2.5-Coder, for example), or name one with the "
            "fim_model setting.")
 
@@ -46,7 +46,7 @@ def fim_request_model(requested: str | None, settings: Settings) -> str:
 
 
 def fim_entry(name: str, resolve: Callable[[str], ModelEntry]) -> ModelEntry:
-    """The registry entry for ``name``; 400 ``fim_not_supported`` when its header shows no
+    """The registry entry for ``name``; 400 ``fim_unsupported`` when its header shows no
     FIM tokens (checked before anything is loaded)."""
     entry = resolve(name)
     if entry.info is not None and not entry.info.can_fim:

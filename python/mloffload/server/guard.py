@@ -15,7 +15,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .backend import AccessInfo
-from .errors import APIError, error_response
+from .errors import APIError, ErrorRenderer, openai_error
 from .stats import Stats
 
 log = logging.getLogger("mloffload.access")
@@ -38,8 +38,10 @@ def _is_json(content_type: str) -> bool:
 
 
 class Guard:
-    def __init__(self, app: ASGIApp, *, api_key: str, max_body: int, stats: Stats) -> None:
+    def __init__(self, app: ASGIApp, *, api_key: str, max_body: int, stats: Stats,
+                 render: ErrorRenderer = openai_error) -> None:
         self.app = app
+        self.render = render
         self.api_key = api_key.encode() if api_key else b""
         self.max_body = max_body
         self.stats = stats
@@ -59,7 +61,7 @@ class Guard:
         try:
             receive = await self._check(scope, receive)
         except APIError as exc:
-            await error_response(exc)(scope, receive, send_wrapper)
+            await self.render(scope.get("path", ""), exc)(scope, receive, send_wrapper)
         else:
             await self.app(scope, receive, send_wrapper)
         finally:

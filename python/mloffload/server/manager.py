@@ -307,17 +307,22 @@ class ModelManager:
             raise APIError(503, f"Model {entry.id!r} is still loading; try again shortly.",
                            code="model_loading", headers={"Retry-After": "5"}) from None
 
-    async def load(self, name: str, explicit: bool = False) -> LoadedModel:
-        """Load without a request (admin endpoint and preload); keep-alive starts at once.
-        ``explicit`` (someone asked for it): a model marked unusable after a crash loop is
-        given another chance."""
+    async def load(self, name: str, explicit: bool = False,
+                   keep_alive: float | None = None) -> LoadedModel:
+        """Load without a request (admin endpoint, preload, Ollama's empty prompt); keep-alive
+        starts at once. ``explicit`` (someone asked for it): a model marked unusable after a
+        crash loop is given another chance. ``keep_alive`` replaces the model's own and
+        restarts its timer."""
         if explicit and (marked := self.registry.resolve(name)) is not None \
                 and not marked.usable and marked.reason.startswith(CRASH_LOOP_REASON):
             self.registry.clear_unusable(marked.id)
             self._load_failures.pop(marked.id, None)
         entry = self.resolve(name)
         model = await self._ensure_loaded(entry)
-        if not self._demand.get(model.id) and model.unload_handle is None:
+        if keep_alive is not None:
+            model.keep_alive = keep_alive
+        if not self._demand.get(model.id) and (keep_alive is not None
+                                               or model.unload_handle is None):
             self._schedule_unload(model)
         return model
 

@@ -13,6 +13,7 @@ from starlette.responses import Response
 from .. import __version__
 from .backend import Backend, HealthState, access
 from .errors import error_body, model_not_found
+from .ollama.routes import ENDPOINTS as OLLAMA_ENDPOINTS
 from .responses import json_response
 from .schemas import (
     ERROR_RESPONSES,
@@ -71,7 +72,7 @@ async def root(request: Request) -> Response:
         "name": "ml-offload",
         "version": __version__,
         "backend": backend_of(request).name,
-        "endpoints": ENDPOINTS,
+        "endpoints": ENDPOINTS + OLLAMA_ENDPOINTS,
         "docs": "/docs",
     })
 

@@ -67,6 +67,16 @@ class _Sampling(_Lenient):
     stream: bool = False
     stream_options: StreamOptions | None = None
     keep_alive: KeepAlive = None
+    response_format: dict[str, Any] | None = Field(
+        None, description="{'type': 'json_object'} or {'type': 'json_schema', 'json_schema': "
+        "{'schema': ...}}: where the engine can constrain its output (llama-server); refused "
+        "with 400 where it cannot")
+
+    @property
+    def wants_format(self) -> bool:
+        """Whether the answer must follow a format (anything but plain text)."""
+        fmt = self.response_format
+        return fmt is not None and fmt.get("type", "text") != "text"
 
     @field_validator("stop")
     @classmethod
@@ -96,7 +106,8 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] = Field(..., description="one prompt (a list of one is accepted)")
     suffix: str | None = Field(
         None, description="text after the completion: fill in the middle between prompt and "
-        "suffix (the model needs FIM tokens; without a model named, the fim_model answers)")
+        "suffix (the model needs FIM tokens, else 400 fim_unsupported; without a model "
+        "named, the fim_model answers)")
     max_tokens: int | None = Field(16, ge=1, description="capped by the context left")
     echo: bool = False
 

@@ -23,7 +23,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ...config import Settings
-from ..backend import ClientGone, Health, HealthState, access, unless_disconnected
+from ..backend import (
+    ClientGone,
+    Health,
+    HealthState,
+    access,
+    unless_disconnected,
+)
 from ..errors import APIError
 from ..fim import (
     InfillAsCompletion,
@@ -301,8 +307,8 @@ class ManagedBackend:
         return {"object": "list",
                 "data": [e.card(loaded=e.id in loaded) for e in self.manager.registry.list()]}
 
-    async def load(self, name: str) -> dict[str, Any]:
-        loaded = await self.manager.load(name, explicit=True)
+    async def load(self, name: str, keep_alive: float | None = None) -> dict[str, Any]:
+        loaded = await self.manager.load(name, explicit=True, keep_alive=keep_alive)
         return {"loaded": True, **loaded.status()}
 
     async def unload(self, name: str) -> dict[str, Any]:

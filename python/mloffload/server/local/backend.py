@@ -151,6 +151,7 @@ class LocalBackend:
     # --- generation -----------------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
+        _refuse_format(req)
         messages = req.message_dicts()
         params = req.sampling(self.settings)
         if log.isEnabledFor(logging.DEBUG):  # prompt text is logged at debug level only
@@ -163,6 +164,7 @@ class LocalBackend:
         return await self._generate(request, req, start, chat=True)
 
     async def completion(self, req: CompletionRequest, request: Request) -> Response:
+        _refuse_format(req)
         prompt = req.prompt_text
         params = req.sampling(self.settings)
         if log.isEnabledFor(logging.DEBUG):
@@ -468,8 +470,8 @@ class LocalBackend:
         return Health(HealthState.READY, "", {"available": True, "ready": True,
                                                "details": details})
 
-    async def load(self, name: str) -> dict[str, Any]:
-        loaded = await self.manager.load(name)
+    async def load(self, name: str, keep_alive: float | None = None) -> dict[str, Any]:
+        loaded = await self.manager.load(name, keep_alive=keep_alive)
         return {"loaded": True, **loaded.status()}
 
     async def unload(self, name: str) -> dict[str, Any]:
@@ -514,3 +516,9 @@ class LocalBackend:
         return {os.getpid(): {"model": ",".join(m.id for m in models),
                               "planned_gpu_bytes": sum(m.plan.gpu_bytes for m in models)}}
 
+
+def _refuse_format(req: ChatCompletionRequest | CompletionRequest) -> None:
+    if req.wants_format:
+        raise APIError(400, "The in-process llama.cpp backend cannot constrain its output to "
+                       "JSON ('response_format'); the llama-server and managed backends can.",
+                       param="response_format", code="unsupported_response_format")

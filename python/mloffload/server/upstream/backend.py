@@ -142,7 +142,7 @@ class UpstreamBackend:
     async def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [m.card() for m in await self.catalog(refresh=True)]}
 
-    async def load(self, name: str) -> dict[str, Any]:
+    async def load(self, name: str, keep_alive: float | None = None) -> dict[str, Any]:
         raise APIError(400, "Loading and unloading are managed by llama-server in this mode.",
                        code="unsupported_backend")
 
@@ -249,8 +249,8 @@ class UpstreamBackend:
         }
 
     def status(self) -> dict[str, Any]:
-        loaded = [{"id": m.id, "upstream_id": m.upstream_id, "path": m.path}
-                  for m in self._catalog or []]
+        loaded = [{"id": m.id, "upstream_id": m.upstream_id, "path": m.path,
+                   "n_ctx": m.upstream_meta.get("n_ctx")} for m in self._catalog or []]
         a = self.admission
         out: dict[str, Any] = {
             "loaded_models": loaded,

@@ -1,0 +1,158 @@
+"""The models in Ollama's shapes (``/api/tags``, ``/api/show``, ``/api/ps``), made from the
+backend's ``/v1/models`` cards (the registry's GGUF metadata, or llama-server's) and from its
+``/status`` entries for what is loaded."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from typing import Any
+
+from ...models.gguf_info import GGUFInfo
+from ...models.registry import ModelEntry
+from ..errors import APIError
+from .times import expires_at, rfc3339
+from .translate import model_name
+
+Card = dict[str, Any]
+
+
+def _meta(card: Card) -> dict[str, Any]:
+    meta = card.get("meta")
+    return meta if isinstance(meta, dict) else {}
+
+
+def names(card: Card) -> list[str]:
+    """The card's id and its aliases (``default`` among them); not llama-server's file path."""
+    meta = _meta(card)
+    hidden = {card["id"], meta.get("upstream_id")}
+    return [card["id"], *(a for a in meta.get("aliases") or [] if a not in hidden)]
+
+
+def find(cards: Iterable[Card], name: str) -> Card:
+    wanted = model_name(name)
+    for card in cards:
+        if wanted in names(card) or wanted == _meta(card).get("upstream_id"):
+            return card
+    shown = name if len(name) <= 200 else name[:200] + "…"
+    raise APIError(404, f"model {shown!r} not found; GET /api/tags lists the models here "
+                   "(GGUF files in models_dir; nothing is pulled).", code="model_not_found")
+
+
+def parameter_size(meta: dict[str, Any]) -> str:
+    if meta.get("size_label"):
+        return str(meta["size_label"])
+    n = meta.get("parameter_count")
+    if isinstance(n, int) and n > 0:
+        for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+            if n >= scale:
+                return f"{n / scale:.1f}{unit}"
+        return str(n)
+    return ""
+
+
+def details(card: Card) -> dict[str, Any]:
+    meta = _meta(card)
+    arch = meta.get("architecture") or ""
+    return {"parent_model": "", "format": "gguf", "family": arch,
+            "families": [arch] if arch else None, "parameter_size": parameter_size(meta),
+            "quantization_level": str(meta.get("quantization") or "")}
+
+
+def file_size(card: Card) -> int:
+    meta = _meta(card)
+    size = meta.get("file_size") or (meta.get("upstream") or {}).get("size")
+    return size if isinstance(size, int) else 0
+
+
+def digest(card: Card) -> str:
+    """A stable hash of the file's identity (path, size, mtime): hashing gigabytes of
+    weights on every listing would take minutes."""
+    ident = f"{_meta(card).get('path')}\0{file_size(card)}\0{card.get('created')}"
+    return hashlib.sha256(ident.encode()).hexdigest()
+
+
+def tags(cards: Iterable[Card]) -> dict[str, Any]:
+    models: list[dict[str, Any]] = []
+    for card in cards:
+        entry = {"modified_at": rfc3339(float(card.get("created") or 0)),
+                 "size": file_size(card), "digest": digest(card), "details": details(card)}
+        models.extend({"name": name, "model": name, **entry} for name in names(card))
+    return {"models": models}
+
+
+def capabilities(card: Card) -> list[str]:
+    """Every model here completes and embeds (mean pooling); ``insert`` (fill in the
+    middle) comes when its card says ``"fim": true`` (issue 14)."""
+    out = ["completion", "embedding"]
+    if _meta(card).get("fim") is True:
+        out.append("insert")
+    return out
+
+
+def model_info(card: Card, info: GGUFInfo | None) -> dict[str, Any]:
+    """GGUF metadata under GGUF's own key names, the ones clients read."""
+    meta = _meta(card)
+    arch = (info.architecture if info else meta.get("architecture")) or "unknown"
+    values: dict[str, Any] = {
+        "general.architecture": arch,
+        "general.name": info.name if info else meta.get("name"),
+        "general.size_label": info.size_label if info else meta.get("size_label"),
+        "general.parameter_count": info.parameter_count if info else meta.get("parameter_count"),
+        f"{arch}.context_length": info.context_length if info else meta.get("context_length"),
+        f"{arch}.embedding_length": info.embedding_length if info
+        else meta.get("embedding_length"),
+        f"{arch}.block_count": info.block_count if info else meta.get("block_count"),
+    }
+    if info is not None:
+        values.update({
+            f"{arch}.attention.head_count": info.head_count,
+            f"{arch}.attention.head_count_kv": info.head_count_kv,
+            f"{arch}.attention.key_length": info.key_length,
+            f"{arch}.attention.value_length": info.value_length,
+            f"{arch}.attention.sliding_window": info.sliding_window,
+            f"{arch}.vocab_size": info.vocab_size,
+        })
+    return {k: v for k, v in values.items() if v not in (None, "", 0)}
+
+
+def show(card: Card, entry: ModelEntry | None) -> dict[str, Any]:
+    info = entry.info if entry is not None else None
+    path = _meta(card).get("path") or card["id"]
+    return {
+        "license": "",
+        "modelfile": f"# Modelfile generated by ml-offload\nFROM {path}\n",
+        "parameters": "",
+        "template": info.chat_template if info else "",
+        "details": details(card),
+        "model_info": model_info(card, info),
+        "capabilities": capabilities(card),
+        "modified_at": rfc3339(float(card.get("created") or 0)),
+    }
+
+
+def _seconds_left(loaded: dict[str, Any]) -> float | None:
+    """Until it unloads; None: never. A busy model gets its whole keep-alive after it."""
+    left = loaded.get("keep_alive_left_seconds")
+    if isinstance(left, int | float):
+        return float(left)
+    ka = loaded.get("keep_alive_seconds")
+    return float(ka) if isinstance(ka, int | float) and ka >= 0 else None
+
+
+def ps(loaded: Iterable[dict[str, Any]], cards: Iterable[Card]) -> dict[str, Any]:
+    by_id = {card["id"]: card for card in cards}
+    models: list[dict[str, Any]] = []
+    for m in loaded:
+        card = by_id.get(m["id"], {"id": m["id"]})
+        plan: dict[str, Any] = m["plan"] if isinstance(m.get("plan"), dict) else {}
+        gpu = int(plan.get("gpu_bytes") or 0)
+        size = gpu + int(plan.get("cpu_bytes") or 0) if plan else file_size(card)
+        context = m.get("n_ctx") or _meta(card).get("context_length")
+        models.append({
+            "name": m["id"], "model": m["id"], "size": size, "digest": digest(card),
+            "details": details(card), "expires_at": expires_at(_seconds_left(m)),
+            "size_vram": gpu,  # the planner's figure: what this model really put on the GPU
+            "context_length": context if isinstance(context, int) else 0,
+        })
+    return {"models": models}
