@@ -22,7 +22,7 @@ import pytest
 
 from fim_model import FIM_ID, PSM_ONLY_ID
 from helpers import ServerProcess, assert_openai_error, free_port, sse_events
-from llama_server import LlamaServer, llama_server_bin
+from llama_server import LlamaServer, llama_server_bin, proxy_env
 from mloffload.engine.fim import FimTokens, InfillInput, InfillLimits, infill_prompt, sampler_names
 from mloffload.server.fim import pick_fields
 
@@ -106,6 +106,13 @@ def post(url: str, path: str, body: Any, **kw: Any) -> httpx.Response:
 
 def status(url: str) -> dict[str, Any]:
     return dict(httpx.get(url + "/status", timeout=30).json())
+
+
+@pytest.fixture(scope="module")
+def proxy(data_dir: Path, llama: LlamaServer) -> Iterator[ServerProcess]:
+    """The llama-server backend, in front of the reference llama-server."""
+    with ServerProcess(data_dir, env=proxy_env(llama.url)) as proc:
+        yield proc.wait_ready()
 
 
 # --- the prompt layout and the stop rules, unit by unit ----------------------------------
@@ -297,6 +304,31 @@ def test_bad_infill_requests_get_clear_errors(fim_url: str) -> None:
         {**REQUESTS["plain"], "n_predict": 1}),
         headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert form.status_code == 200 and "content" in form.json()
+
+
+def test_the_llama_server_backend_relays_infill_and_serves_suffix(proxy: ServerProcess,
+                                                                  llama: LlamaServer) -> None:
+    req = REQUESTS["extra"]
+    theirs = post(llama.url, "/infill", req).json()
+    ours = post(proxy.url, "/infill", req)
+    assert ours.status_code == 200, ours.text
+    compare(ours.json(), theirs, "proxy")
+    with httpx.stream("POST", proxy.url + "/infill", json={**req, "stream": True},
+                      timeout=180) as r:
+        events = list(sse_events(r))
+    assert events[-1]["stop"] is True and "[DONE]" not in events
+    assert "".join(e["content"] for e in events) == theirs["content"]
+    # llama-server's own /v1/completions ignores a suffix; through us it is its /infill.
+    plain = {"prompt": "def add(a, b):\n", "suffix": "\n", "max_tokens": 6,
+             "temperature": 0, "seed": 42}
+    fill = post(llama.url, "/infill", {"input_prefix": plain["prompt"], "input_suffix": "\n",
+                                       "n_predict": 6, "temperature": 0, "seed": 42,
+                                       "cache_prompt": False}).json()
+    r = post(proxy.url, "/v1/completions", plain)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == fill["content"]
+    tok = post(proxy.url, "/tokenize", {"content": "hello <unused0>"}).json()
+    assert tok == post(llama.url, "/tokenize", {"content": "hello <unused0>"}).json()
 
 
 # --- which model answers -----------------------------------------------------------------

@@ -69,9 +69,11 @@ def open_file(ed: Editor, path: Path, lines: list[str]) -> None:
     ed.nvim.command("setlocal noexpandtab")
 
 
+@pytest.mark.parametrize("transport", ["uv", "curl", "python"])
 def test_ghost_text_appears_after_typing_and_tab_inserts_it(
-        editor: Factory, fim_server: ServerProcess, tmp_path: Path) -> None:
-    ed = editor(**setup(fim_server.url))
+        editor: Factory, fim_server: ServerProcess, tmp_path: Path, transport: str) -> None:
+    """Over each transport: the editor's own socket, curl, and the remote plugin."""
+    ed = editor(**setup(fim_server.url, transport=transport))
     open_file(ed, tmp_path / "notes.txt", ["", "", ""])
     ed.keys("iHello")
     shown = wait_ghost(ed)

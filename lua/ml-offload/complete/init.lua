@@ -332,6 +332,9 @@ function H.on_done(req, status, body, err)
       H.status({ complete = "off" })
       H.notify_once("ghost text is off: " .. message .. " (:help ml-offload-complete)")
     else
+      if req.backend == "fallback" then -- nothing can complete now: pause, do not retry per key
+        H.fim_off = { reason = message, ["until"] = uv.now() + 10000 }
+      end
       H.status({ complete = "idle" })
       H.notify_once("completion failed: " .. message)
     end

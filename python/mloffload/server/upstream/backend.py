@@ -156,7 +156,7 @@ class UpstreamBackend:
     async def completion(self, req: CompletionRequest, request: Request) -> Response:
         if req.suffix is None:
             return await self._forward("/v1/completions", req, request)
-        # llama-server refuses a suffix there: its /infill answers, translated.
+        # llama-server ignores a suffix there: its /infill answers, translated.
         infill = completion_as_infill(req, self.settings)
         return await self._fim(fim_request_model(req.model, self.settings), infill, request,
                                "/v1/completions", InfillAsCompletion(req), OPENAI_END)
