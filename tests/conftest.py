@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from fim_model import PSM_ONLY_ID, build_fim_model  # noqa: E402
 from helpers import ServerProcess  # noqa: E402
 from llama_server import llama_server_bin  # noqa: E402
 from nvim_harness import Editor, editors, register_plugin  # noqa: E402
@@ -31,6 +33,17 @@ def model_path(data_dir: Path) -> Path:
     from mloffload.models.catalog import embedded_model_path
 
     return embedded_model_path(data_dir)
+
+
+@pytest.fixture(scope="session")
+def fim_models(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Path:
+    """A models folder: the embedded Gemma, the FIM test model (tests/fim_model.py: nonsense
+    text, real protocol) and its variant with FIM prefix, suffix and middle tokens only."""
+    folder = tmp_path_factory.mktemp("fim-models")
+    os.link(model_path, folder / model_path.name)
+    build_fim_model(model_path, folder)
+    build_fim_model(model_path, folder, ("fim_pre", "fim_suf", "fim_mid"), PSM_ONLY_ID)
+    return folder
 
 
 @pytest.fixture(scope="session")

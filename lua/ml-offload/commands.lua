@@ -30,6 +30,7 @@ end
 ---@field desc string
 ---@field nargs? string
 ---@field range? boolean
+---@field complete? fun(): string[]
 ---@field run fun(opts: table)
 
 ---@type MLOffloadCommand[]
@@ -134,6 +135,26 @@ M.list = {
     end,
   },
   {
+    name = "MLComplete",
+    nargs = "?",
+    complete = function()
+      return { "on", "off", "toggle" }
+    end,
+    desc = "ghost text: on, off or toggle (no argument: say which)",
+    run = function(opts)
+      local complete = require("ml-offload.complete")
+      local how = vim.trim(opts.args)
+      if how == "" then
+        local state = complete.is_enabled() and "on" or "off"
+        require("ml-offload").notify("ghost text is " .. state)
+      elseif how == "on" or how == "off" or how == "toggle" then
+        complete.set(how)
+      else
+        require("ml-offload").notify(":MLComplete takes on, off or toggle", vim.log.levels.ERROR)
+      end
+    end,
+  },
+  {
     name = "MLModels",
     desc = "the models; <CR> picks one",
     run = function(opts)
@@ -146,7 +167,13 @@ function M.create()
   for _, c in ipairs(M.list) do
     vim.api.nvim_create_user_command(c.name, function(opts)
       c.run(opts)
-    end, { nargs = c.nargs or 0, range = c.range or nil, desc = "ml-offload: " .. c.desc, force = true })
+    end, {
+      nargs = c.nargs or 0,
+      range = c.range or nil,
+      complete = c.complete,
+      desc = "ml-offload: " .. c.desc,
+      force = true,
+    })
   end
 end
 

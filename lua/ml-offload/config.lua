@@ -43,6 +43,34 @@ local M = {}
 ---@field embed? MLOffloadKey ":MLEmbed" ("<leader>me")
 ---@field models? MLOffloadKey ":MLModels" ("<leader>mm")
 
+---@class MLOffloadCompleteKeymaps
+---@field accept? MLOffloadKey Insert mode: take the whole suggestion; without one, the key's own job ("<Tab>")
+---@field accept_line? MLOffloadKey Take its first line ("<S-Tab>")
+---@field accept_word? MLOffloadKey Take its first word ("<C-Right>")
+---@field dismiss? MLOffloadKey Hide it (false; moving the cursor or <Esc> hides it too)
+---@field trigger? MLOffloadKey Ask now, without waiting for the pause (false)
+
+---@class MLOffloadCompleteConfig
+---@field enabled? boolean Ghost text in insert mode (true); :MLComplete on|off|toggle
+---@field filetypes? table<string, boolean> Per filetype, "*" for the rest ({ ["*"] = true, help = false, ... })
+---@field debounce_ms? integer Pause after a keystroke before asking (100)
+---@field model? string The model that completes (nil: the server's fim_model)
+---@field n_predict? integer Most tokens a suggestion has (96)
+---@field t_max_predict_ms? integer After a newline, stop a suggestion that took longer (800)
+---@field prefix_tokens? integer Budget of the lines above the cursor, in tokens (384)
+---@field suffix_tokens? integer Budget of the cursor line's rest and the lines below (128)
+---@field ring_chunks? integer Chunks of other code kept as extra context (16; 0: none)
+---@field ring_chunk_lines? integer Lines per chunk (48)
+---@field ring_tokens? integer Budget of all chunks sent, in tokens (1536)
+---@field params? table Fields sent as they are with every /infill request
+---@field transport? "uv"|"curl"|"python" How requests go to the server ("uv"; see :help)
+---@field keymaps? MLOffloadCompleteKeymaps
+
+---@class MLOffloadStatuslineConfig
+---@field poll_ms? integer How often /status is asked while a statusline shows it (5000; 0: never)
+---@field separator? string (" · ")
+---@field icons? table<string, string> Completion state: idle, thinking, off, fallback
+
 ---@class MLOffloadConfig
 ---@field api_url? string The ml-offload server ("http://127.0.0.1:9000")
 ---@field api_key? string Bearer key; default $ML_OFFLOAD_API_KEY
@@ -59,6 +87,8 @@ local M = {}
 ---@field fallback_model? string Registry id, alias or .gguf path ("default")
 ---@field fallback_keep_alive? string|number Unload the idle fallback model after this ("5m")
 ---@field data_dir? string Registry and models of the fallback; default: the server's
+---@field complete? MLOffloadCompleteConfig Ghost text (code completion)
+---@field statusline? MLOffloadStatuslineConfig require("ml-offload").statusline()
 
 ---@type MLOffloadConfig
 M.defaults = {
@@ -111,6 +141,33 @@ M.defaults = {
   fallback_model = "default",
   fallback_keep_alive = "5m",
   data_dir = nil,
+  complete = {
+    enabled = true,
+    filetypes = { ["*"] = true, help = false, gitcommit = false, gitrebase = false },
+    debounce_ms = 100,
+    model = nil,
+    n_predict = 96,
+    t_max_predict_ms = 800,
+    prefix_tokens = 384,
+    suffix_tokens = 128,
+    ring_chunks = 16,
+    ring_chunk_lines = 48,
+    ring_tokens = 1536,
+    params = { samplers = { "top_k", "top_p", "infill" }, top_k = 40, top_p = 0.99 },
+    transport = "uv",
+    keymaps = {
+      accept = "<Tab>",
+      accept_line = "<S-Tab>",
+      accept_word = "<C-Right>",
+      dismiss = false,
+      trigger = false,
+    },
+  },
+  statusline = {
+    poll_ms = 5000,
+    separator = " · ",
+    icons = { idle = "●", thinking = "◐", off = "○", fallback = "◆ local" },
+  },
 }
 
 local H = {}
@@ -162,6 +219,10 @@ function H.one_of(choices)
   end
 end
 
+function H.count(value)
+  return type(value) == "number" and value >= 0 and math.floor(value) == value, "a whole number, 0 or more"
+end
+
 function H.ratio(value)
   return type(value) == "number" and value > 0 and value <= 1, "a number in (0, 1]"
 end
@@ -207,6 +268,28 @@ function H.validate(c)
   H.check("fallback_model", c.fallback_model, "string")
   H.check("fallback_keep_alive", c.fallback_keep_alive, { "string", "number" })
   H.check("data_dir", c.data_dir, "string")
+  local cc = c.complete
+  H.check("complete", cc, "table")
+  H.check("complete.enabled", cc.enabled, "boolean")
+  H.check("complete.filetypes", cc.filetypes, "table")
+  for _, name in ipairs({ "debounce_ms", "n_predict", "t_max_predict_ms", "prefix_tokens", "suffix_tokens" }) do
+    H.check("complete." .. name, cc[name], H.count)
+  end
+  for _, name in ipairs({ "ring_chunks", "ring_chunk_lines", "ring_tokens" }) do
+    H.check("complete." .. name, cc[name], H.count)
+  end
+  H.check("complete.model", cc.model, "string")
+  H.check("complete.params", cc.params, "table")
+  H.check("complete.transport", cc.transport, H.one_of({ "uv", "curl", "python" }))
+  for name, lhs in pairs(cc.keymaps or {}) do
+    H.check("complete.keymaps." .. name, lhs, function(v)
+      return H.is_key(v), "a key, a list of keys, or false"
+    end)
+  end
+  H.check("statusline", c.statusline, "table")
+  H.check("statusline.poll_ms", c.statusline.poll_ms, H.count)
+  H.check("statusline.separator", c.statusline.separator, "string")
+  H.check("statusline.icons", c.statusline.icons, "table")
 end
 
 --- Deep-merge `opts` over the defaults (lists and scalars replace, tables merge) and check

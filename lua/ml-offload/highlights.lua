@@ -11,6 +11,7 @@ M.groups = {
   MLOffloadWaiting = { link = "DiagnosticWarn" },
   MLOffloadError = { link = "DiagnosticError" },
   MLOffloadDone = { link = "DiagnosticOk" },
+  MLOffloadGhost = { link = "Comment" }, -- ghost text (code completion)
 }
 
 --- The 'winhighlight' of every float the plugin opens.

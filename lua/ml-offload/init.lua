@@ -37,8 +37,17 @@ end
 function M.setup(opts)
   config.setup(opts)
   require("ml-offload.keymaps").apply(config.get().keymaps)
+  require("ml-offload.statusline").setup()
+  require("ml-offload.complete").setup()
   H.helptags()
   return M
+end
+
+--- A short statusline string: model · GPU layers or CPU · VRAM used/total · last tok/s ·
+--- ghost-text state. Cached; never blocks (see :help ml-offload-statusline).
+---@return string
+function M.statusline()
+  return require("ml-offload.statusline").get()
 end
 
 --- Make `model` the model for later requests (what `<CR>` in :MLModels does).

@@ -21,8 +21,21 @@ M.list = {
 
 M.modes = { "n", "x" }
 
+--- Insert-mode <Plug> maps of ghost text (the keys themselves are `complete.keymaps`).
+M.insert_list = {
+  { plug = "<Plug>(MLCompleteAccept)", call = "accept('all')", desc = "take the suggestion" },
+  { plug = "<Plug>(MLCompleteAcceptLine)", call = "accept('line')", desc = "take its first line" },
+  { plug = "<Plug>(MLCompleteAcceptWord)", call = "accept('word')", desc = "take its first word" },
+  { plug = "<Plug>(MLCompleteDismiss)", call = "dismiss()", desc = "hide the suggestion" },
+  { plug = "<Plug>(MLCompleteTrigger)", call = "trigger()", desc = "suggest now" },
+}
+
 --- The <Plug> maps (run at startup by plugin/ml-offload.lua).
 function M.plugs()
+  for _, item in ipairs(M.insert_list) do
+    local rhs = "<Cmd>lua require('ml-offload.complete')." .. item.call .. "<CR>"
+    vim.keymap.set("i", item.plug, rhs, { silent = true, desc = "ml-offload: " .. item.desc })
+  end
   for _, item in ipairs(M.list) do
     local desc = "ml-offload: " .. item.desc
     vim.keymap.set("n", item.plug, "<Cmd>" .. item.cmd .. "<CR>", { silent = true, desc = desc })

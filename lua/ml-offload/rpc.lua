@@ -37,6 +37,8 @@ M.exports = {
   diff_open = { "ml-offload.diff", "open" },
   diff_update = { "ml-offload.diff", "update" },
   diff_status = { "ml-offload.diff", "set_status" },
+  -- ghost text through the remote plugin (the in-process fallback)
+  complete_update = { "ml-offload.complete", "on_python" },
 }
 
 --- Called by the Python wrapper: the export `name` with the rest of the arguments.

@@ -181,6 +181,10 @@ class Settings:
     default_model: str = setting(
         "", str, "registry id, alias or .gguf path answered for model 'default' (default: the "
         "embedded Gemma 3 270M)", "MODEL")
+    fim_model: str = setting(
+        "", str, "registry id or alias that /infill and FIM completions (a suffix on "
+        "/v1/completions) use when the request names no model (default: the default model, "
+        "if it has FIM tokens)", "MODEL")
     n_ctx: int = setting(4096, parse_int, "context length per loaded model, in tokens", "N")
     default_max_tokens: int = setting(
         512, parse_int, "tokens generated when a chat request sets no max_tokens (0: up to "

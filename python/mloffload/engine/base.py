@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .fim import InfillInput, InfillResult
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -24,6 +27,10 @@ class EngineError(RuntimeError):
 class Cancelled(EngineError):
     """The work stopped because its ``cancel`` event was set (the client left, or its time
     ran out); what it had done so far is thrown away."""
+
+
+class FimUnsupported(EngineError):
+    """The model has no fill-in-the-middle tokens."""
 
 
 class ContextLengthError(EngineError):
@@ -89,6 +96,16 @@ class GenerationResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
+    # What llama-server's own answers report besides (``/completion``, ``/infill``):
+    cached_tokens: int = 0  # prompt tokens reused from the previous request's cache
+    stop_word: str = ""  # the stop string that ended the generation
+    eog: bool = False  # ended by an end-of-generation token (counted by llama-server)
+    truncated: bool = False  # ended because the context was full
+    kv_tokens: int = 0  # tokens in the model's cache afterwards
+    started_at: float = 0.0  # time.monotonic() stamps: request, prompt done, last token
+    prompt_done_at: float | None = None
+    last_token_at: float | None = None
+    token_ids: list[int] | None = None  # given a list, each generated id is appended
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +132,24 @@ class Engine(Protocol):
         result: GenerationResult,
         cancel: threading.Event,
     ) -> Iterator[str]: ...
+
+    def infill(
+        self,
+        inp: InfillInput,
+        params: SamplingParams,
+        result: InfillResult,
+        cancel: threading.Event,
+    ) -> Iterator[str]:
+        """Fill in the middle as llama-server's /infill does (see engine/fim.py); raises
+        FimUnsupported when the model has no FIM tokens."""
+        ...
+
+    def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False
+                 ) -> list[int]: ...
+
+    def detokenize(self, tokens: Sequence[int], special: bool = True) -> str: ...
+
+    def piece(self, token: int) -> bytes: ...
 
     def embed(self, texts: Sequence[str], cancel: threading.Event | None = None
               ) -> Embeddings:

@@ -35,12 +35,14 @@ from .base import (
     ContextLengthError,
     Embeddings,
     EngineError,
+    FimUnsupported,
     GenerationResult,
     SamplingParams,
     embedding_batch,
 )
 from .build import pinned
 from .chat_format import ChatFormatError, ChatFormatter
+from .fim import TOKEN_NULL, FimTokens, InfillInput, InfillLimits, InfillResult, infill_prompt
 from .stops import StopMatcher
 
 log = logging.getLogger("mloffload.engine")
@@ -232,6 +234,46 @@ class LlamaCppEngine:
         return ContextLengthError(
             f"This model's maximum context length is {limit} tokens, but the prompt has "
             f"{n_tokens} tokens. Shorten the {param}.", param)
+    def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False
+                 ) -> list[int]:
+        """``common_tokenize``: BOS (and EOS) only with ``add_special``."""
+        if not text:
+            return []
+        tokens: list[int] = self._llm.tokenize(text.encode("utf-8"), add_bos=add_special,
+                                               special=parse_special)
+        return tokens
+
+    def detokenize(self, tokens: Sequence[int], special: bool = True) -> str:
+        """``common_detokenize``: the text of ``tokens``, special ones written out."""
+        if not tokens:
+            return ""
+        arr = (self._lib.llama_token * len(tokens))(*tokens)
+        size = max(256, 8 * len(tokens))
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = self._lib.llama_detokenize(self._vocab, arr, len(tokens), buf, size, False,
+                                           special)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", "replace")
+            size = -n
+        raise EngineError("detokenize failed")
+
+    def piece(self, token: int) -> bytes:
+        """One token's text as llama-server's /tokenize pieces show it."""
+        n = self._lib.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, True)
+        return self._piece_buf.raw[:max(0, n)]
+
+    def fim_tokens(self) -> FimTokens:
+        lib, vocab = self._lib, self._vocab
+        return FimTokens(pre=lib.llama_vocab_fim_pre(vocab), suf=lib.llama_vocab_fim_suf(vocab),
+                         mid=lib.llama_vocab_fim_mid(vocab), rep=lib.llama_vocab_fim_rep(vocab),
+                         sep=lib.llama_vocab_fim_sep(vocab))
+
+    def _bos_added(self) -> int | None:
+        if self._lib.llama_vocab_get_add_bos(self._vocab):
+            bos = int(self._lib.llama_vocab_bos(self._vocab))
+            return bos if bos != TOKEN_NULL else None
+        return None
 
     def _chat_tokens(self, messages: Sequence[dict[str, Any]]) -> tuple[list[int], tuple[str, ...]]:
         try:
@@ -282,6 +324,65 @@ class LlamaCppEngine:
         tokens = self._tokenize(prompt, self.n_ctx, "prompt")
         return self._generate(tokens, params, (), result, cancel, "prompt")
 
+    def generate_tokens(
+        self,
+        tokens: Sequence[int],
+        params: SamplingParams,
+        result: GenerationResult,
+        cancel: threading.Event,
+        *,
+        samplers: tuple[str, ...] | None = None,
+        cache_prompt: bool = True,
+        param: str = "prompt",
+    ) -> Iterator[str]:
+        """Generate after a prompt given as token ids. ``samplers`` runs llama-server's
+        sampler chain in that order (its ``samplers`` field) instead of llama-cpp-python's;
+        ``cache_prompt`` False evaluates the whole prompt afresh."""
+        if not cache_prompt:
+            self._llm.reset()
+        return self._generate(list(tokens), params, (), result, cancel, param, samplers)
+
+    def infill(
+        self,
+        inp: InfillInput,
+        params: SamplingParams,
+        result: InfillResult,
+        cancel: threading.Event,
+    ) -> Iterator[str]:
+        """llama-server's /infill: its prompt layout, sampler chain and stop rules."""
+        fim = self.fim_tokens()
+        if not fim.usable:
+            raise FimUnsupported(f"Infill is not supported by this model: "
+                                 f"{', '.join(fim.missing)} missing")
+        tokens = infill_prompt(self.tokenize_special, fim, self._bos_added(), inp, self.n_ctx)
+        result.prompt = self.detokenize(tokens)
+        result.token_ids = []
+        pieces = self.generate_tokens(tokens, params, result, cancel, samplers=inp.samplers,
+                                      cache_prompt=inp.cache_prompt, param="input_prefix")
+        return self._limited(pieces, InfillLimits(inp.n_indent, inp.t_max_predict_ms), result)
+
+    def tokenize_special(self, text: str, parse_special: bool) -> list[int]:
+        return self.tokenize(text, False, parse_special)
+
+    @staticmethod
+    def _limited(pieces: Iterator[str], limits: InfillLimits, result: InfillResult
+                 ) -> Iterator[str]:
+        try:
+            for piece in pieces:
+                stop = limits.feed(piece, result.prompt_done_at)
+                result.content = limits.text
+                result.has_new_line = limits.has_new_line
+                yield piece
+                if stop:
+                    result.limited = True
+                    break
+        finally:
+            pieces.close()  # type: ignore[attr-defined]
+            result.content = limits.text
+            result.has_new_line = limits.has_new_line
+            if result.limited:
+                result.finish_reason = FINISH_LENGTH
+
     def _budget(self, n_prompt: int, max_tokens: int | None, param: str) -> int:
         left = self.n_ctx - n_prompt
         if left <= 0:
@@ -296,10 +397,57 @@ class LlamaCppEngine:
         result: GenerationResult,
         cancel: threading.Event,
         param: str,
+        samplers: tuple[str, ...] | None = None,
     ) -> Iterator[str]:
         budget = self._budget(len(tokens), params.max_tokens, param)
         result.prompt_tokens = len(tokens)
-        return self._stream(tokens, params, template_stops, budget, result, cancel)
+        result.truncated = False
+        context_bound = params.max_tokens is None or params.max_tokens >= self.n_ctx - len(tokens)
+        return self._stream(tokens, params, template_stops, budget, result, cancel, samplers,
+                            context_bound)
+
+    def _cached_prefix(self, tokens: list[int]) -> int:
+        """Prompt tokens ``Llama.generate`` will reuse from the cache (its own rule)."""
+        llm = self._llm
+        n = int(llm.n_tokens)
+        if n == 0:
+            return 0
+        common = 0
+        for a, b in zip(llm.input_ids[:n].tolist(), tokens, strict=False):
+            if a != b:
+                break
+            common += 1
+        if common == len(tokens):
+            exact = n == len(tokens) and not getattr(llm, "_requires_eval", True)
+            return common if exact else common - 1
+        return common
+
+    def _sampler_chain(self, names: tuple[str, ...], params: SamplingParams, seed: int
+                       ) -> Any:
+        """llama-server's chain (common/sampling.cpp) for ``names``, then ``dist``."""
+        from llama_cpp import _internals as internals
+
+        lib = self._lib
+        chain = internals.LlamaSampler()  # type: ignore[no-untyped-call]
+        made = {
+            "penalties": lambda: lib.llama_sampler_init_penalties(
+                lib.llama_vocab_n_tokens(self._vocab), 64, params.repeat_penalty,
+                params.frequency_penalty, params.presence_penalty),
+            "top_n_sigma": lambda: lib.llama_sampler_init_top_n_sigma(-1.0),
+            "top_k": lambda: lib.llama_sampler_init_top_k(params.top_k),
+            "typ_p": lambda: lib.llama_sampler_init_typical(1.0, 0),
+            "top_p": lambda: lib.llama_sampler_init_top_p(params.top_p, 0),
+            "min_p": lambda: lib.llama_sampler_init_min_p(params.min_p, 0),
+            "xtc": lambda: lib.llama_sampler_init_xtc(0.0, 0.1, 0, seed),
+            "temperature": lambda: lib.llama_sampler_init_temp_ext(params.temperature, 0.0, 1.0),
+            "infill": lambda: lib.llama_sampler_init_infill(self._vocab),
+        }
+        # dry and adaptive_p are off at llama-server's defaults (multiplier 0, target -1).
+        for name in names:
+            if name in made:
+                lib.llama_sampler_chain_add(chain.sampler, made[name]())
+        lib.llama_sampler_chain_add(chain.sampler, lib.llama_sampler_init_dist(seed))
+        return chain
 
     def _stream(
         self,
@@ -309,6 +457,8 @@ class LlamaCppEngine:
         budget: int,
         result: GenerationResult,
         cancel: threading.Event,
+        samplers: tuple[str, ...] | None = None,
+        context_bound: bool = False,
     ) -> Iterator[str]:
         llm, lib, vocab, buf = self._llm, self._lib, self._vocab, self._piece_buf
         stop_ids, template_texts = self._stop_tokens(template_stops)
@@ -326,6 +476,11 @@ class LlamaCppEngine:
         if budget == 0:
             result.finish_reason = FINISH_LENGTH
             return
+        result.cached_tokens = self._cached_prefix(tokens)
+        result.started_at = time.monotonic()
+        if samplers is not None:
+            chain = self._sampler_chain(samplers, params, seed)
+            llm._init_sampler = lambda **_: chain  # type: ignore[method-assign]
         gen = llm.generate(
             tokens,
             top_k=params.top_k,
@@ -340,17 +495,25 @@ class LlamaCppEngine:
         produced = 0
         abort = self._abort
         abort.arm(cancel)  # the generator's first step evaluates the prompt
+        ids = result.token_ids
         try:
             for token in gen:
                 abort.disarm()
+                now = time.monotonic()
+                if result.prompt_done_at is None:
+                    result.prompt_done_at = now
+                result.last_token_at = now
                 if cancel.is_set():
                     finish = FINISH_CANCELLED
                     break
                 if token in stop_ids or lib.llama_vocab_is_eog(vocab, token):
                     finish = FINISH_STOP
+                    result.eog = True
                     break
                 produced += 1
                 result.completion_tokens = produced
+                if ids is not None:
+                    ids.append(token)
                 n = lib.llama_token_to_piece(vocab, token, buf, 256, 0, False)
                 if n > 0:
                     text = decoder.decode(buf.raw[:n])
@@ -360,8 +523,10 @@ class LlamaCppEngine:
                             yield out
                         if stops.stopped:
                             finish = FINISH_STOP
+                            result.stop_word = stops.word
                             break
                 if produced >= budget:
+                    result.truncated = context_bound
                     break
                 if cancel.is_set():
                     finish = FINISH_CANCELLED
@@ -373,6 +538,9 @@ class LlamaCppEngine:
         finally:
             abort.disarm()
             gen.close()
+            if samplers is not None:
+                del llm._init_sampler  # the next generation builds its own chain again
+            result.kv_tokens = int(llm.n_tokens)
             result.finish_reason = finish
         if finish != FINISH_CANCELLED and not stops.stopped:
             tail = stops.feed(decoder.decode(b"", final=True)) + stops.flush()

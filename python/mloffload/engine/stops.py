@@ -8,6 +8,7 @@ class StopMatcher:
         self.stops = tuple(s for s in stops if s)
         self._held = ""
         self.stopped = False
+        self.word = ""  # the stop string that matched
 
     def feed(self, piece: str) -> str:
         """Text that can be emitted now; sets ``stopped`` when a stop string completes."""
@@ -18,7 +19,7 @@ class StopMatcher:
         for s in self.stops:
             i = text.find(s)
             if i != -1 and (first == -1 or i < first):
-                first = i
+                first, self.word = i, s
         if first != -1:
             self._held = ""
             self.stopped = True

@@ -18,7 +18,7 @@ import gguf
 
 GGUF_MAGIC = b"GGUF"
 # Bump when GGUFInfo gains or changes fields: the registry then re-reads every file.
-INFO_VERSION = 1
+INFO_VERSION = 2
 _SCALARS: dict[int, str] = {
     gguf.GGUFValueType.UINT8: "<B",
     gguf.GGUFValueType.INT8: "<b",
@@ -34,6 +34,27 @@ _SCALARS: dict[int, str] = {
 }
 # Arrays longer than this are skipped (tokenizer vocabularies); only their length is kept.
 _MAX_ARRAY_KEPT = 64
+_TOKENS_KEY = "tokenizer.ggml.tokens"
+# FIM tokens as llama.cpp finds them (src/llama-vocab.cpp): the header's ids, else these
+# token texts in the vocabulary.
+FIM_ROLES = ("pre", "suf", "mid", "rep", "sep")
+_DEPRECATED_FIM_KEYS = {"pre": "prefix", "suf": "suffix", "mid": "middle"}
+_FIM_KEYS: dict[str, tuple[str, ...]] = {
+    role: (f"tokenizer.ggml.fim_{role}_token_id",) + (
+        (f"tokenizer.ggml.{_DEPRECATED_FIM_KEYS[role]}_token_id",)
+        if role in _DEPRECATED_FIM_KEYS else ())
+    for role in FIM_ROLES}
+_FIM_TEXTS = {
+    "pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>",
+            "▁<PRE>", "<|code_prefix|>", "<|prefix|>"),
+    "suf": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>",
+            "▁<SUF>", "<|code_suffix|>", "<|suffix|>"),
+    "mid": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>",
+            "▁<MID>", "<|code_middle|>", "<|middle|>"),
+    "rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+    "sep": ("<|file_sep|>",),
+}
+_FIM_BY_TEXT = {text.encode(): role for role, texts in _FIM_TEXTS.items() for text in texts}
 
 
 class GGUFError(ValueError):
@@ -71,6 +92,7 @@ class GGUFInfo:
     vocab_size: int
     has_chat_template: bool
     chat_template: str
+    fim_tokens: tuple[str, ...]  # the FIM roles it has tokens for (pre, suf, mid, rep, sep)
     tensor_bytes_total: int
     token_embd_bytes: int
     output_bytes: int
@@ -80,6 +102,7 @@ class GGUFInfo:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["block_bytes"] = list(self.block_bytes)
+        data["fim_tokens"] = list(self.fim_tokens)
         return data
 
     @classmethod
@@ -87,7 +110,13 @@ class GGUFInfo:
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in fields}
         values["block_bytes"] = tuple(values.get("block_bytes", ()))
+        values["fim_tokens"] = tuple(values.get("fim_tokens", ()))
         return cls(**values)
+
+    @property
+    def can_fim(self) -> bool:
+        """It has the prefix, suffix and middle tokens /infill needs."""
+        return {"pre", "suf", "mid"} <= set(self.fim_tokens)
 
 
 class _Cursor:
@@ -133,6 +162,15 @@ class _Cursor:
         if fmt is None:
             raise GGUFError(f"unknown metadata value type {vtype}")
         return self.unpack(fmt)
+
+    def fim_token_roles(self, count: int) -> set[str]:
+        """Skip a vocabulary (an array of ``count`` strings); return the FIM roles named in
+        it. Each entry is its length (8 bytes) and its text, so one search of the array's
+        bytes per known name finds it."""
+        start = self.pos
+        self.skip_array(gguf.GGUFValueType.STRING, count)
+        return {role for text, role in _FIM_BY_TEXT.items()
+                if self.buf.find(struct.pack("<Q", len(text)) + text, start, self.pos) != -1}
 
     def skip_array(self, item_type: int, count: int) -> None:
         if item_type == gguf.GGUFValueType.STRING:
@@ -206,10 +244,20 @@ def _parse(buf: mmap.mmap, path: str, file_size: int) -> GGUFInfo:
     if n_tensors > 1_000_000 or n_kv > 1_000_000:
         raise GGUFError("corrupt GGUF header (implausible counts)")
     kv: dict[str, Any] = {}
+    vocab_fim: set[str] = set()
     for _ in range(n_kv):
         key = cur.string()
         vtype = cur.unpack("<I")
+        if key == _TOKENS_KEY and vtype == gguf.GGUFValueType.ARRAY:
+            item_type, count = cur.unpack("<I"), cur.unpack("<Q")
+            if item_type == gguf.GGUFValueType.STRING:
+                vocab_fim = cur.fim_token_roles(count)
+            else:
+                cur.skip_array(item_type, count)
+            kv[key] = _SkippedArray(count)
+            continue
         kv[key] = cur.value(vtype)
+    kv["_vocab_fim"] = vocab_fim
 
     tensors: list[TensorInfo] = []
     for _ in range(n_tensors):
@@ -284,6 +332,9 @@ def _summarise(
                 n *= d
             param_count += n
 
+    vocab_size = _count(kv.get(_TOKENS_KEY)) or arch_int("vocab_size")
+    fim = tuple(role for role in FIM_ROLES if role in kv["_vocab_fim"] or any(
+        isinstance(kv.get(k), int) and 0 <= kv[k] < vocab_size for k in _FIM_KEYS[role]))
     template = kv.get("tokenizer.chat_template", "")
     template = template if isinstance(template, str) else ""
     return GGUFInfo(
@@ -303,9 +354,10 @@ def _summarise(
         key_length=arch_int("attention.key_length", head_dim),
         value_length=arch_int("attention.value_length", head_dim),
         sliding_window=arch_int("attention.sliding_window"),
-        vocab_size=_count(kv.get("tokenizer.ggml.tokens")) or arch_int("vocab_size"),
+        vocab_size=vocab_size,
         has_chat_template=bool(template),
         chat_template=template,
+        fim_tokens=fim,
         tensor_bytes_total=total,
         token_embd_bytes=token_embd,
         output_bytes=output,

@@ -71,6 +71,7 @@ class ModelEntry:
             "embedding_length": info.embedding_length if info else None,
             "block_count": info.block_count if info else None,
             "has_chat_template": info.has_chat_template if info else None,
+            "fim": info.can_fim if info else None,
         }
 
 

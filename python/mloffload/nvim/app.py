@@ -19,6 +19,7 @@ from .actions import Actions, Call, Handler
 from .bridge import Bridge
 from .chat.chats import Chats
 from .client import AuthError, ClientError, ServerError, ServerUnreachable
+from .complete import Completions
 from .edit import Edits
 from .errors import log_path, setup_logging, user_error
 from .info import Info
@@ -34,7 +35,7 @@ class Part(Protocol):
     def actions(self) -> Mapping[str, Handler]: ...
 
 
-PARTS: tuple[Callable[[Services], Part], ...] = (Chats, Edits, Info)
+PARTS: tuple[Callable[[Services], Part], ...] = (Chats, Edits, Info, Completions)
 
 
 def _version(dist: str) -> str:

@@ -308,36 +308,78 @@ class Client:
         """
         payload = {**params, "model": model, "messages": list(messages), "stream": True,
                    "stream_options": {"include_usage": True}}
-        try:
-            # A connection of its own, so that a cancel can cut exactly this request.
-            with _cut_on(cancel) as cutter, httpx.Client(**self._options) as http, \
-                    http.stream("POST", "/v1/chat/completions", json=payload,
-                                extensions={"trace": cutter.trace}) as resp:
-                if resp.status_code >= 400:
-                    raise error_from_body(resp.status_code, resp.read(),
-                                          self.base_url + "/v1/chat/completions")
-                for line in resp.iter_lines():
-                    if cancel.is_set():
-                        # Leaving the block closes the connection: the server stops generating.
-                        result.finish_reason = FINISH_CANCELLED
-                        return
-                    queued = QUEUED.match(line)
-                    if queued:
-                        if on_queue is not None:
-                            on_queue(int(queued.group(1)))
-                        continue
-                    text = self._sse_line(line, result)
-                    if text is None:
-                        return
-                    if text:
-                        yield text
-        except httpx.HTTPError as exc:
-            if not cancel.is_set():  # else: the cutter cut the connection on purpose
-                raise self._translate(exc) from None
+        with contextlib.closing(self._lines("/v1/chat/completions", payload, cancel)) as lines:
+            for line in lines:
+                queued = QUEUED.match(line)
+                if queued:
+                    if on_queue is not None:
+                        on_queue(int(queued.group(1)))
+                    continue
+                text = self._sse_line(line, result)
+                if text is None:
+                    return
+                if text:
+                    yield text
         if cancel.is_set():
             result.finish_reason = FINISH_CANCELLED
         elif result.finish_reason is None:
             raise StreamBroken(f"the answer from {self.base_url} ended without [DONE]")
+
+    def infill(self, body: Mapping[str, Any], result: GenerationResult,
+               cancel: threading.Event) -> Generator[str, None, dict[str, Any]]:
+        """Stream ``/infill`` (llama-server's events: ``content`` pieces, then one with
+        ``"stop": true``); stops, closing the connection, as soon as ``cancel`` is set.
+        Returns the final event (timings, model)."""
+        with contextlib.closing(self._lines("/infill", {**body, "stream": True}, cancel)) \
+                as lines:
+            for line in lines:
+                event = self._event(line)
+                if event.get("content"):
+                    yield str(event["content"])
+                if event.get("stop") is True:
+                    result.finish_reason = str(event.get("stop_type") or "stop")
+                    return event
+        if not cancel.is_set():
+            raise StreamBroken(f"the completion from {self.base_url} ended before its end")
+        result.finish_reason = FINISH_CANCELLED
+        return {}
+
+    def _lines(self, path: str, payload: Mapping[str, Any], cancel: threading.Event
+               ) -> Generator[str, None, None]:
+        """The lines of a streamed answer, on a connection of its own so that a cancel can
+        cut exactly this request (the server then stops generating). Ends quietly once
+        ``cancel`` is set; an error answer raises before any line."""
+        try:
+            with _cut_on(cancel) as cutter, httpx.Client(**self._options) as http, \
+                    http.stream("POST", path, json=dict(payload),
+                                extensions={"trace": cutter.trace}) as resp:
+                if resp.status_code >= 400:
+                    raise error_from_body(resp.status_code, resp.read(), self.base_url + path)
+                for line in resp.iter_lines():
+                    if cancel.is_set():
+                        return  # leaving the block closes the connection
+                    yield line
+        except httpx.HTTPError as exc:
+            if not cancel.is_set():  # else: the cutter cut the connection on purpose
+                raise self._translate(exc) from None
+
+    @staticmethod
+    def _event(line: str) -> dict[str, Any]:
+        """One ``data:`` line of llama-server's own stream ({} for anything else); its
+        error event raised as ours."""
+        if not line.startswith("data:"):
+            return {}
+        try:
+            event = json.loads(line[5:].strip())
+        except ValueError:
+            return {}
+        if not isinstance(event, dict):
+            return {}
+        if "error" in event:
+            err = event["error"] if isinstance(event["error"], dict) else {}
+            raise server_error(None, str(err.get("message") or event["error"]),
+                               str(err.get("type") or ""), err.get("code"))
+        return event
 
     @staticmethod
     def _sse_line(line: str, result: GenerationResult) -> str | None:

@@ -166,7 +166,7 @@ class Edits:
             edit.ticket, backend=gen.backend, ok=error is None and not gen.cancelled,
             cancelled=gen.cancelled and error is None, error=message or None,
             prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-            finish_reason=result.finish_reason)
+            finish_reason=result.finish_reason, **edit.gen.served())
 
     def proposal_closed(self, call: Call) -> None:
         edit = self.running.get(call.number("id"))

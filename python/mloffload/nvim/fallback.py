@@ -29,6 +29,7 @@ from ..engine.build import pinned
 from .client import ModelFacts
 
 if TYPE_CHECKING:
+    from ..engine.fim import InfillInput, InfillResult
     from ..engine.llamacpp import LlamaCppEngine
     from ..hardware.planner import OffloadPlan
     from ..models.registry import ModelEntry, Registry
@@ -315,6 +316,21 @@ class Fallback:
             yield from loaded.engine.chat([dict(m) for m in messages], sampling, result, cancel)
         finally:
             self._end()
+
+    def infill(self, inp: InfillInput, params: Mapping[str, Any], result: InfillResult,
+               cancel: threading.Event, on_load: OnLoad | None = None) -> Iterator[str]:
+        """Fill in the middle as the server's /infill does, with the same engine code."""
+        sampling = sampling_params(params)
+        loaded = self._begin(on_load)
+        try:
+            yield from loaded.engine.infill(inp, sampling, result, cancel)
+        finally:
+            self._end()
+
+    @property
+    def model_id(self) -> str | None:
+        """The loaded model's registry id (None while nothing is loaded)."""
+        return self._loaded.entry.id if self._loaded is not None else None
 
     def embed(self, text: str, on_load: OnLoad | None = None) -> tuple[list[float], str]:
         loaded = self._begin(on_load)

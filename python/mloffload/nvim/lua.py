@@ -118,3 +118,8 @@ class Lua:
 
     def diff_status(self, proposal: int, state: str, note: str = "") -> bool:
         return bool(self._call("diff_status", proposal, state, note))
+
+    # --- ghost text -------------------------------------------------------------------
+
+    def complete_update(self, request: int, update: Mapping[str, Any]) -> None:
+        self._call("complete_update", request, dict(update))

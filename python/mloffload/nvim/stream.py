@@ -130,6 +130,16 @@ class Generation:
             return "local fallback"
         return f"server {self.route.backend}"
 
+    def served(self) -> dict[str, Any]:
+        """For the finished event (the statusline reads it): the model that answered and
+        its decode rate."""
+        out: dict[str, Any] = {}
+        if self.facts is not None:
+            out["served_by"] = self.facts.id
+        if self.result.completion_tokens > 0 and not self.cancelled:
+            out["tokens_per_second"] = round(self.rate(time.monotonic()), 1)
+        return out
+
     def rate(self, ended: float) -> float:
         n = self.result.completion_tokens
         if n > 1 and self.first is not None and ended > self.first:

@@ -12,9 +12,15 @@ from typing import Any, Protocol, TypeVar
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .errors import APIError
 from .errors import ClientGone as ClientGone  # re-exported for backends
-from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    InfillRequest,
+    TokenizeRequest,
+)
 
 T = TypeVar("T")
 
@@ -71,6 +77,16 @@ class Backend(Protocol):
 
     async def embeddings(self, req: EmbeddingRequest, request: Request) -> Response: ...
 
+    async def infill(self, req: InfillRequest, request: Request) -> Response:
+        """llama-server's `/infill` (server/fim.py): its fields, answer and stream."""
+        ...
+
+    async def tokenize(self, req: TokenizeRequest, request: Request) -> Response:
+        """llama-server's `/tokenize` for the model named (the FIM test compares prompts)."""
+        ...
+
+    async def detokenize(self, req: DetokenizeRequest, request: Request) -> Response: ...
+
     async def models(self) -> dict[str, Any]:
         """The `/v1/models` body."""
         ...
@@ -99,13 +115,6 @@ class Backend(Protocol):
         """The processes that hold models (pid → model and planned GPU bytes), so `/vram`
         can put NVML's per-process numbers next to the plan."""
         ...
-
-
-def no_fill_in_middle(model: str) -> APIError:
-    """``suffix`` asks for fill-in-the-middle, which no backend does yet (issue 14)."""
-    return APIError(400, f"The model {model!r} cannot fill in the middle here: 'suffix' is "
-                    "not supported yet. Send the text before the cursor alone as the prompt.",
-                    param="suffix", code="fim_unsupported")
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -381,11 +381,34 @@ class ModelManager:
         self._spawn(model.runner.close())
         self._changed.set()
 
+    def pinned_ids(self) -> list[str]:
+        """The default model, and the FIM model too when it is another one and max_loaded
+        has room for both: loaded at start, and swapped out only when nothing else can be."""
+        out: list[str] = []
+        default = self.registry.default_id()
+        if default is not None:
+            out.append(default)
+        fim = self.registry.resolve(self.settings.fim_model) if self.settings.fim_model \
+            else None
+        if fim is not None and fim.id not in out and self.settings.max_loaded >= 2:
+            out.append(fim.id)
+        return out
+
+    async def preload(self) -> None:
+        """Load the pinned models now (at start), one after the other."""
+        for model_id in self.pinned_ids():
+            try:
+                await self.load(model_id)
+            except APIError as exc:
+                log.error("preloading model %s failed: %s", model_id, exc.message)
+
     async def _make_room(self, wanted: str) -> None:
         deadline = time.monotonic() + self.settings.load_timeout
+        pinned = set(self.pinned_ids())
         while len(self.loaded) >= self.settings.max_loaded:
             idle = [m for m in self.loaded.values()
                     if not self._demand.get(m.id) and m.gate.busy == 0 and m.id != wanted]
+            idle.sort(key=lambda m: m.id in pinned)  # least recently used first otherwise
             if idle:
                 await self.unload(idle[0].id, reason=f"swapped out for {wanted}")
                 continue

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.routing import APIRoute
 from starlette.responses import Response
 
 from .. import __version__
@@ -19,19 +21,41 @@ from .schemas import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    DetokenizeRequest,
     EmbeddingList,
     EmbeddingRequest,
+    InfillRequest,
     ModelCard,
     ModelList,
+    TokenizeRequest,
 )
 
 router = APIRouter()
+
+
+class LlamaServerRoute(APIRoute):
+    """llama-server's own endpoints read the body as JSON whatever its Content-Type says
+    (``curl -d`` sends a form type); so do ours."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+            request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
+            return await handler(request)
+
+        return route
+
+
+llama_router = APIRouter(route_class=LlamaServerRoute)
 
 ENDPOINTS = [
     "GET /", "GET /health", "GET /api/health", "GET /api/backend/info", "GET /v1/models",
     "GET /v1/models/{model}", "POST /v1/chat/completions", "POST /v1/completions",
     "POST /v1/embeddings", "GET /vram", "GET /status", "GET /metrics",
-    "POST /api/models/{model}/load", "POST /api/models/{model}/unload", "GET /openapi.json",
+    "POST /api/models/{model}/load", "POST /api/models/{model}/unload", "POST /infill",
+    "POST /tokenize", "POST /detokenize", "GET /openapi.json",
 ]
 _SSE_DOC = {"text/event-stream": {"schema": {"type": "string"},
                                   "description": "with \"stream\": true"}}
@@ -115,6 +139,30 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
 async def embeddings(req: EmbeddingRequest, request: Request) -> Response:
     access(request).model = req.model
     return await backend_of(request).embeddings(req, request)
+
+
+@llama_router.post("/infill", summary="Fill in the middle (code completion), as llama-server's "
+                   "/infill", responses={200: {"content": {
+                       "application/json": {"schema": {"type": "object"}}, **_SSE_DOC}},
+                       **ERROR_RESPONSES})
+async def infill(req: InfillRequest, request: Request) -> Response:
+    access(request).model = req.model
+    return await backend_of(request).infill(req, request)
+
+
+@llama_router.post("/tokenize", summary="Tokenize text, as llama-server's /tokenize",
+                   responses=ERROR_RESPONSES)
+async def tokenize(req: TokenizeRequest, request: Request) -> Response:
+    return await backend_of(request).tokenize(req, request)
+
+
+@llama_router.post("/detokenize", summary="Token ids back to text, as llama-server's "
+                   "/detokenize", responses=ERROR_RESPONSES)
+async def detokenize(req: DetokenizeRequest, request: Request) -> Response:
+    return await backend_of(request).detokenize(req, request)
+
+
+router.include_router(llama_router)
 
 
 @router.get("/vram", summary="GPU memory: total, used, free (GB) and per-GPU detail")

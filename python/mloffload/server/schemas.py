@@ -6,16 +6,28 @@ import base64
 import struct
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from ..config import Settings
 from ..engine.base import SamplingParams, sampling_from
+from ..engine.fim import DEFAULT_SAMPLERS, InfillInput, sampler_names
 
 MAX_MESSAGES = 2048
 MAX_STOP = 16
 MAX_STOP_LEN = 256
 MAX_EMBED_INPUTS = 2048
 MAX_MODEL_NAME = 256
+MAX_EXTRA_CHUNKS = 1024
+MAX_RESPONSE_FIELDS = 256
+RANDOM_SEED = 2**32 - 1  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed each time
 
 
 
@@ -114,10 +126,18 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: Text | list[Text] = Field(..., description="one prompt (a list of one is accepted)")
+    suffix: Text | None = Field(
+        None, description="text after the completion: fill in the middle between prompt and "
+        "suffix (the model needs FIM tokens, else 400 fim_unsupported; without a model "
+        "named, the fim_model answers)")
     max_tokens: int | None = Field(16, ge=1, description="capped by the context left")
     echo: bool = False
-    suffix: str | None = Field(None, description="text after the completion (fill in the "
-                               "middle); refused with 400 by models that cannot")
+
+    @model_validator(mode="after")
+    def _no_echo_with_suffix(self) -> CompletionRequest:
+        if self.echo and self.suffix is not None:
+            raise ValueError("'echo' cannot be combined with 'suffix'")
+        return self
 
     @field_validator("prompt")
     @classmethod
@@ -153,6 +173,87 @@ class EmbeddingRequest(_Lenient):
     @property
     def inputs(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+# --- llama-server's own endpoints: /infill, /tokenize, /detokenize -------------------
+
+MixedPrompt = Text | list[Text | int]
+
+
+class ExtraChunk(_Lenient):
+    text: Text
+    filename: Text = "tmp"
+
+
+class InfillRequest(_Lenient):
+    """llama-server's ``/infill`` (see its README): fill in between ``input_prefix`` and
+    ``input_suffix``, with ``input_extra`` chunks of other files as context. Fields llama-server
+    takes besides these are accepted; managed mode passes them to the engine."""
+
+    model: ModelName | None = Field(None, description="default: the fim_model setting")
+    input_prefix: MixedPrompt
+    input_suffix: MixedPrompt
+    input_extra: list[ExtraChunk] = Field(default_factory=list, max_length=MAX_EXTRA_CHUNKS)
+    prompt: Text = Field("", description="added after the FIM_MID token's prefix part")
+    n_predict: int = Field(-1, ge=-1, validation_alias=AliasChoices("n_predict", "max_tokens"),
+                           description="-1: the server's default_max_tokens")
+    n_indent: int = Field(0, ge=0, description="minimum indentation of each new line")
+    t_max_prompt_ms: int = Field(-1, description="accepted; llama-server does not "
+                                 "implement it either")
+    t_max_predict_ms: int = Field(-1, ge=-1, description="after a newline, stop once "
+                                  "generating took longer than this")
+    stop: Text | list[Annotated[Text, Field(max_length=MAX_STOP_LEN)]] | None = Field(
+        None, max_length=MAX_STOP)
+    samplers: list[str] | str | None = None
+    top_k: int = Field(40, ge=0, le=1_000_000)
+    top_p: float = Field(0.95, ge=0.0, le=1.0)
+    min_p: float = Field(0.05, ge=0.0, le=1.0)
+    temperature: float = Field(0.8, ge=0.0, le=100.0)
+    repeat_penalty: float = Field(1.0, ge=0.0, le=10.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: int = Field(-1, ge=-1, le=RANDOM_SEED, description="-1: random")
+    cache_prompt: bool = True
+    return_tokens: bool = False
+    id_slot: int = -1
+    response_fields: list[str] | None = Field(None, max_length=MAX_RESPONSE_FIELDS)
+    stream: bool = False
+    keep_alive: KeepAlive = None
+
+    def sampling(self, settings: Settings | None = None) -> SamplingParams:
+        """n_predict -1 takes the server's default and cap; 0 still makes one token, as
+        llama-server does (its first token is never checked against the limit)."""
+        wanted = None if self.n_predict < 0 else max(1, self.n_predict)
+        values: dict[str, Any] = {
+            "max_tokens": settings.token_limit(wanted) if settings else wanted,
+            "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+            "min_p": self.min_p, "repeat_penalty": self.repeat_penalty,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty, "stop": self.stop,
+            "seed": None if self.seed in (-1, RANDOM_SEED) else self.seed,
+        }
+        return sampling_from(values)
+
+    def infill_input(self) -> InfillInput:
+        return InfillInput(
+            input_prefix=self.input_prefix, input_suffix=self.input_suffix,
+            input_extra=tuple((c.filename, c.text) for c in self.input_extra),
+            prompt=self.prompt, n_indent=self.n_indent, t_max_predict_ms=self.t_max_predict_ms,
+            samplers=DEFAULT_SAMPLERS if self.samplers is None else sampler_names(self.samplers),
+            cache_prompt=self.cache_prompt)
+
+
+class TokenizeRequest(_Lenient):
+    model: ModelName = "default"
+    content: MixedPrompt
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(_Lenient):
+    model: ModelName = "default"
+    tokens: list[int] = Field(default_factory=list)
 
 
 # --- responses (documentation in /openapi.json; handlers build plain dicts) ---------

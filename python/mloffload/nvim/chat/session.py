@@ -221,7 +221,8 @@ class ChatSession:
             turn.ticket, backend=gen.backend, ok=error is None and not gen.cancelled,
             cancelled=gen.cancelled and error is None, error=message or None,
             prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-            finish_reason=result.finish_reason, truncated=gen.truncated)
+            finish_reason=result.finish_reason, truncated=gen.truncated,
+            **gen.served())
         queued, self.queued = self.queued, None
         if queued is not None and not self.closed:
             self.send(self.s.lua.chat_lines(self.buf), queued)

@@ -11,9 +11,10 @@ signal or exit status and the end of the engine's log; the next request starts a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -28,26 +29,60 @@ from ..backend import (
     Health,
     HealthState,
     access,
-    no_fill_in_middle,
     unless_disconnected,
 )
 from ..errors import APIError
+from ..fim import (
+    InfillAsCompletion,
+    as_fim_error,
+    completion_as_infill,
+    fim_entry,
+    fim_request_model,
+    infill_body,
+)
 from ..manager import Lease, ModelManager, OnWait, Ticket, parse_keep_alive
 from ..queued import QueuedStream
 from ..responses import json_response
 from ..schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     EmbeddingRequest,
+    InfillRequest,
+    TokenizeRequest,
     embedding_list,
 )
 from ..stats import Outcome, Stats
 from ..upstream.backend import check_dimensions
-from ..upstream.relay import Forwarder, request_body
+from ..upstream.relay import (
+    LLAMA_END,
+    OPENAI_END,
+    Forwarder,
+    Reshape,
+    StreamEnd,
+    post_plain,
+    request_body,
+)
 from .process import EngineProcess
 from .runtime import EngineRuntime
 
 log = logging.getLogger("mloffload.server")
+
+
+@dataclasses.dataclass(frozen=True)
+class Outgoing:
+    """One request relayed to a model's engine."""
+
+    path: str  # on the engine
+    route: str  # ours, for the metrics
+    model: str  # the registry name whose engine answers
+    requested: str  # the model name the answer carries
+    stream: bool
+    keep_alive: str | float | None
+    body: Callable[[str], bytes]  # the engine's model id → the request body
+    reshape: Reshape | None = None
+    end: StreamEnd = OPENAI_END
+    fim: bool = False  # the engine's "infill not supported" becomes our 400
 
 
 class LeaseTurn:
@@ -81,15 +116,7 @@ class ManagedBackend:
         self._preload: asyncio.Task[Any] | None = None
 
     async def startup(self) -> None:
-        default = self.manager.registry.default_id()
-        if default is not None:
-            self._preload = asyncio.get_running_loop().create_task(self._preload_default(default))
-
-    async def _preload_default(self, model_id: str) -> None:
-        try:
-            await self.manager.load(model_id)
-        except APIError as exc:
-            log.error("preloading the default model failed: %s", exc.message)
+        self._preload = asyncio.get_running_loop().create_task(self.manager.preload())
 
     async def shutdown(self) -> None:
         if self._preload is not None:
@@ -99,12 +126,22 @@ class ManagedBackend:
     # --- requests -------------------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
-        return await self._relay("/v1/chat/completions", req, request)
+        return await self._relay(self._openai("/v1/chat/completions", req), request)
 
     async def completion(self, req: CompletionRequest, request: Request) -> Response:
-        if req.suffix:  # llama-server's /v1/completions would ignore it
-            raise no_fill_in_middle(req.model)
-        return await self._relay("/v1/completions", req, request)
+        if req.suffix is None:
+            return await self._relay(self._openai("/v1/completions", req), request)
+        # llama-server refuses a suffix there: its /infill answers, translated.
+        entry = fim_entry(fim_request_model(req.model, self.settings), self.manager.resolve)
+        infill = completion_as_infill(req, self.settings)
+        return await self._relay(Outgoing(
+            "/infill", "/v1/completions", entry.id, req.model, req.stream, req.keep_alive,
+            lambda mid: infill_body(infill, mid, self.settings),
+            reshape=InfillAsCompletion(req), fim=True), request)
+
+    def _openai(self, path: str, req: ChatCompletionRequest | CompletionRequest) -> Outgoing:
+        return Outgoing(path, path, req.model, req.model, req.stream, req.keep_alive,
+                        lambda mid: request_body(req, mid, self.settings))
 
     async def embeddings(self, req: EmbeddingRequest, request: Request) -> Response:
         """One input at a time, one embedding request per engine at a time: llama-server
@@ -173,23 +210,21 @@ class ManagedBackend:
         usage = data.get("usage") or {}
         return list(data["data"][0]["embedding"]), int(usage.get("prompt_tokens") or 0)
 
-    async def _relay(self, path: str, req: ChatCompletionRequest | CompletionRequest,
-                     request: Request) -> Response:
+    async def _relay(self, out: Outgoing, request: Request) -> Response:
         if log.isEnabledFor(logging.DEBUG):  # prompt text is logged at debug level only
-            log.debug("%s model=%s body=%r", path, req.model, req.model_dump(exclude_unset=True))
-        stream = req.stream
-        ka = parse_keep_alive(req.keep_alive)
-        if stream and self.manager.must_wait(req.model):
+            log.debug("%s model=%s body=%r", out.path, out.model, out.body(out.model))
+        ka = parse_keep_alive(out.keep_alive)
+        if out.stream and self.manager.must_wait(out.model):
             # Queued behind busy slots: answer at once and say where it stands meanwhile.
-            ticket = self._admit(req.model, ka)
+            ticket = self._admit(out.model, ka)
 
             async def start(on_wait: OnWait) -> Response:
                 lease = await self._granted(ticket.wait(on_wait))
-                return await self._send(path, req, request, lease, stream)
+                return await self._send(out, request, lease)
 
             return QueuedStream(start, ticket.abandon)
-        lease = await self._lease(request, req.model, ka)
-        return await self._send(path, req, request, lease, stream)
+        lease = await self._lease(request, out.model, ka)
+        return await self._send(out, request, lease)
 
     def _admit(self, model: str, keep_alive: float | None) -> Ticket:
         try:
@@ -219,10 +254,8 @@ class ManagedBackend:
             self.stats.record(Outcome.CANCELLED)
             raise
 
-    async def _send(self, path: str, req: ChatCompletionRequest | CompletionRequest,
-                    request: Request, lease: Lease, stream: bool) -> Response:
+    async def _send(self, out: Outgoing, request: Request, lease: Lease) -> Response:
         engine = engine_of(lease)
-        body = request_body(req, lease.model.id, self.settings)
         assert engine.client is not None
 
         async def explain() -> APIError | None:
@@ -234,8 +267,39 @@ class ManagedBackend:
                             code="engine_crashed")
 
         forwarder = Forwarder(engine.client, self.stats, self.settings, explain)
-        return await forwarder.forward(path, body, req.model, stream, request,
-                                       LeaseTurn(lease), path)
+        try:
+            return await forwarder.forward(out.path, out.body(lease.model.id), out.requested,
+                                           out.stream, request, LeaseTurn(lease), out.route,
+                                           reshape=out.reshape, end=out.end)
+        except APIError as exc:
+            raise as_fim_error(exc, lease.model.id) if out.fim else exc from None
+
+    # --- fill in the middle and tokens --------------------------------------------------------
+
+    async def infill(self, req: InfillRequest, request: Request) -> Response:
+        entry = fim_entry(fim_request_model(req.model, self.settings), self.manager.resolve)
+        return await self._relay(Outgoing(
+            "/infill", "/infill", entry.id, req.model or entry.id, req.stream, req.keep_alive,
+            lambda mid: infill_body(req, mid, self.settings), end=LLAMA_END, fim=True),
+            request)
+
+    async def tokenize(self, req: TokenizeRequest, request: Request) -> Response:
+        return await self._plain("/tokenize", req.model, req.model_dump(), request)
+
+    async def detokenize(self, req: DetokenizeRequest, request: Request) -> Response:
+        return await self._plain("/detokenize", req.model, req.model_dump(), request)
+
+    async def _plain(self, path: str, model: str, data: dict[str, Any], request: Request
+                     ) -> Response:
+        """A quick request to the model's engine (no generation, no request count)."""
+        lease = await self._lease(request, model, None)
+        try:
+            engine = engine_of(lease)
+            assert engine.client is not None
+            return await post_plain(engine.client, path, {**data, "model": lease.model.id},
+                                    request)
+        finally:
+            lease.release()
 
     # --- models and facts -------------------------------------------------------------------
 

@@ -20,9 +20,12 @@ from ...engine.base import (
     Cancelled,
     ContextLengthError,
     Embeddings,
+    Engine,
     EngineError,
+    FimUnsupported,
     GenerationResult,
 )
+from ...engine.fim import InfillResult
 from ...logs import log_unexpected
 from ...models.catalog import default_model_problem
 from ...models.registry import file_changed
@@ -31,16 +34,25 @@ from ..backend import (
     Health,
     HealthState,
     access,
-    no_fill_in_middle,
     unless_disconnected,
 )
 from ..errors import APIError, error_body
+from ..fim import (
+    FIM_UNSUPPORTED,
+    InfillAnswer,
+    completion_as_infill,
+    fim_entry,
+    fim_request_model,
+)
 from ..manager import Lease, ModelManager, parse_keep_alive
 from ..responses import SSE_HEADERS, json_response
 from ..schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     EmbeddingRequest,
+    InfillRequest,
+    TokenizeRequest,
     embedding_list,
 )
 from ..sse import DONE, ChunkTemplate, event
@@ -55,6 +67,8 @@ def engine_api_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), code="context_length_exceeded", param=exc.param)
+    if isinstance(exc, FimUnsupported):
+        return APIError(400, str(exc), code=FIM_UNSUPPORTED, param="model")
     if isinstance(exc, EngineError):
         return APIError(500, f"Generation failed: {exc}", code="engine_error")
     log_unexpected(log, "engine failure", exc)
@@ -78,12 +92,13 @@ class Job:
     it cannot see.
     """
 
-    def __init__(self, backend: LocalBackend, lease: Lease, started: float) -> None:
+    def __init__(self, backend: LocalBackend, lease: Lease, started: float,
+                 result: GenerationResult | None = None) -> None:
         self.backend = backend
         self.lease = lease
         self.started = started
         self.cancel = threading.Event()
-        self.result = GenerationResult()
+        self.result = result if result is not None else GenerationResult()
         self.disconnected = False
         self.timed_out = False
         self.loop = asyncio.get_running_loop()
@@ -147,15 +162,7 @@ class LocalBackend:
         self._preload: asyncio.Task[Any] | None = None
 
     async def startup(self) -> None:
-        default = self.manager.registry.default_id()
-        if default is not None:
-            self._preload = asyncio.get_running_loop().create_task(self._preload_default(default))
-
-    async def _preload_default(self, model_id: str) -> None:
-        try:
-            await self.manager.load(model_id)
-        except APIError as exc:
-            log.error("preloading the default model failed: %s", exc.message)
+        self._preload = asyncio.get_running_loop().create_task(self.manager.preload())
 
     async def shutdown(self) -> None:
         if self._preload is not None:
@@ -207,12 +214,23 @@ class LocalBackend:
 
     async def completion(self, req: CompletionRequest, request: Request) -> Response:
         _refuse_format(req)
-        if req.suffix:
-            raise no_fill_in_middle(req.model)
         prompt = req.prompt_text
         params = req.sampling(self.settings)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("completion model=%s params=%s prompt=%r", req.model, params, prompt)
+            log.debug("completion model=%s params=%s prompt=%r suffix=%r", req.model, params,
+                      prompt, req.suffix)
+        if req.suffix is not None:  # fill in the middle: the /infill layout, no extras
+            entry = fim_entry(fim_request_model(req.model, self.settings), self.manager.resolve)
+            infill = completion_as_infill(req, self.settings)
+            inp, fim_params, result = infill.infill_input(), infill.sampling(self.settings), \
+                InfillResult()
+
+            def start_fim(job: Job) -> Callable[[], Iterator[str]]:
+                engine = runner_of(job.lease).engine
+                return lambda: engine.infill(inp, fim_params, result, job.cancel)
+
+            return await self._generate(request, req, start_fim, chat=False, model=entry.id,
+                                        result=result)
 
         def start(job: Job) -> Callable[[], Iterator[str]]:
             engine = runner_of(job.lease).engine
@@ -220,17 +238,14 @@ class LocalBackend:
 
         return await self._generate(request, req, start, chat=False)
 
-    async def _generate(
-        self,
-        request: Request,
-        req: ChatCompletionRequest | CompletionRequest,
-        start: Callable[[Job], Callable[[], Iterator[str]]],
-        *,
-        chat: bool,
-    ) -> Response:
+    async def _start(self, request: Request, model: str, keep_alive: Any,
+                     start: Callable[[Job], Callable[[], Iterator[str]]],
+                     result: GenerationResult | None = None) -> tuple[Job, TokenPipe]:
+        """Lease the model, start the generation on its worker thread, and wait for the
+        prompt stage (its errors come back as API errors)."""
         t0 = time.monotonic()
-        lease = await self._lease(request, req.model, req.keep_alive)
-        job = Job(self, lease, t0)
+        lease = await self._lease(request, model, keep_alive)
+        job = Job(self, lease, t0, result)
         pipe = TokenPipe(job.loop)
         starter = start(job)
         job.run(lambda: pump(starter, pipe))
@@ -241,15 +256,10 @@ class LocalBackend:
             raise
         except BaseException as exc:
             raise engine_api_error(exc) from None
-        cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        created = int(time.time())
-        if req.stream:
-            tpl = ChunkTemplate(obj="chat.completion.chunk" if chat else "text_completion",
-                                cid=cid, created=created, model=req.model, chat=chat,
-                                include_usage=req.include_usage)
-            route = "/v1/chat/completions" if chat else "/v1/completions"
-            return StreamingResponse(self._sse(job, pipe, tpl, route, request),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        return job, pipe
+
+    async def _collect(self, request: Request, job: Job, pipe: TokenPipe) -> str:
+        """A non-streamed answer's whole text, once generation is over."""
         try:
             text = await unless_disconnected(request, pipe.collect())
         except (ClientGone, asyncio.CancelledError):
@@ -259,8 +269,32 @@ class LocalBackend:
             raise engine_api_error(exc) from None
         if job.timed_out:
             raise job.timeout_error()
+        access(request).tokens(job.result.prompt_tokens, job.result.completion_tokens)
+        return text
+
+    async def _generate(
+        self,
+        request: Request,
+        req: ChatCompletionRequest | CompletionRequest,
+        start: Callable[[Job], Callable[[], Iterator[str]]],
+        *,
+        chat: bool,
+        model: str | None = None,
+        result: GenerationResult | None = None,
+    ) -> Response:
+        job, pipe = await self._start(request, model or req.model, req.keep_alive, start,
+                                      result)
+        cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        if req.stream:
+            tpl = ChunkTemplate(obj="chat.completion.chunk" if chat else "text_completion",
+                                cid=cid, created=created, model=req.model, chat=chat,
+                                include_usage=req.include_usage)
+            route = "/v1/chat/completions" if chat else "/v1/completions"
+            return StreamingResponse(self._sse(job, pipe, tpl, route, request),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        text = await self._collect(request, job, pipe)
         r = job.result
-        access(request).tokens(r.prompt_tokens, r.completion_tokens)
         finish = r.finish_reason or "stop"
         usage = {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
                  "total_tokens": r.prompt_tokens + r.completion_tokens}
@@ -296,8 +330,7 @@ class LocalBackend:
                 except BaseException as exc:
                     if isinstance(exc, asyncio.CancelledError):
                         raise
-                    err = engine_api_error(exc)
-                    yield pending + event(error_body(err.message, err.type, err.param, err.code))
+                    yield pending + event(engine_api_error(exc).body())
                     yield DONE
                     finished = True
                     return
@@ -326,6 +359,98 @@ class LocalBackend:
         finally:
             if not finished:
                 job.client_left()
+
+    # --- fill in the middle ------------------------------------------------------------------
+
+    async def infill(self, req: InfillRequest, request: Request) -> Response:
+        entry = fim_entry(fim_request_model(req.model, self.settings), self.manager.resolve)
+        params = req.sampling(self.settings)
+        inp = req.infill_input()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("infill model=%s params=%s input=%r", entry.id, params, inp)
+        result = InfillResult()
+        answer = InfillAnswer(req, params, inp.samplers, req.model or entry.id, result)
+
+        def start(job: Job) -> Callable[[], Iterator[str]]:
+            engine = runner_of(job.lease).engine
+            return lambda: engine.infill(inp, params, result, job.cancel)
+
+        job, pipe = await self._start(request, entry.id, req.keep_alive, start, result)
+        if req.stream:
+            return StreamingResponse(self._infill_sse(job, pipe, answer, request),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        await self._collect(request, job, pipe)
+        return Response(answer.final(), media_type="application/json")
+
+    async def _infill_sse(self, job: Job, pipe: TokenPipe, answer: InfillAnswer,
+                          request: Request) -> AsyncIterator[bytes]:
+        """llama-server's stream: one event per piece, then the final answer; no [DONE]."""
+        finished = False
+        try:
+            while True:
+                try:
+                    text = await pipe.next_batch()
+                except BaseException as exc:
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    yield event(engine_api_error(exc).body())
+                    finished = True
+                    return
+                if text is None:
+                    break
+                yield answer.partial(text)
+            r = job.result
+            access(request).tokens(r.prompt_tokens, r.completion_tokens)
+            if job.timed_out:
+                err = job.timeout_error()
+                yield event(error_body(err.message, err.type, err.param, err.code))
+            else:
+                yield b"data: " + answer.final() + b"\n\n"
+            finished = True
+        finally:
+            if not finished:
+                job.client_left()
+
+    async def tokenize(self, req: TokenizeRequest, request: Request) -> Response:
+        def work(engine: Engine) -> dict[str, Any]:
+            content = req.content
+            parts = [content] if isinstance(content, str) else content
+            ids: list[int] = []
+            for i, part in enumerate(parts):
+                ids += engine.tokenize(part, req.add_special and i == 0, req.parse_special) \
+                    if isinstance(part, str) else [int(part)]
+            if not req.with_pieces:
+                return {"tokens": ids}
+            out = []
+            for tok in ids:
+                raw = engine.piece(tok)
+                try:
+                    piece: str | list[int] = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    piece = list(raw)
+                out.append({"id": tok, "piece": piece})
+            return {"tokens": out}
+
+        return json_response(await self._on_engine(request, req.model, work))
+
+    async def detokenize(self, req: DetokenizeRequest, request: Request) -> Response:
+        def work(engine: Engine) -> dict[str, Any]:
+            return {"content": engine.detokenize(req.tokens)}
+
+        return json_response(await self._on_engine(request, req.model, work))
+
+    async def _on_engine(self, request: Request, model: str,
+                         work: Callable[[Engine], dict[str, Any]]) -> dict[str, Any]:
+        """Run a quick job on the model's worker thread (no generation, no request count)."""
+        lease = await self._lease(request, model, None)
+        try:
+            runner = runner_of(lease)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(runner.executor, work, runner.engine)
+        except EngineError as exc:
+            raise APIError(400, str(exc), code="invalid_value") from None
+        finally:
+            lease.release()
 
     # --- embeddings -------------------------------------------------------------------------
 

@@ -20,15 +20,38 @@ from starlette.responses import Response
 from ...config import Settings
 from ...hardware.gpu import GPUProbe
 from ...models.registry import Registry
-from ..backend import Health, HealthState, no_fill_in_middle
+from ..backend import Health, HealthState
 from ..errors import APIError, model_not_found
-from ..schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from ..fim import (
+    InfillAsCompletion,
+    as_fim_error,
+    completion_as_infill,
+    fim_request_model,
+    infill_body,
+)
+from ..schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    InfillRequest,
+    TokenizeRequest,
+)
 from ..stats import Outcome, Stats
 from .admission import Admission
 from .catalog import UpstreamModel, fetch_catalog
 from .client import UpstreamClient
 from .probe import probe, props_summary
-from .relay import AnyRequest, Forwarder, request_body
+from .relay import (
+    LLAMA_END,
+    OPENAI_END,
+    AnyRequest,
+    Forwarder,
+    Reshape,
+    StreamEnd,
+    post_plain,
+    request_body,
+)
 from .supervisor import LlamaServerSupervisor
 
 log = logging.getLogger("mloffload.server")
@@ -131,9 +154,46 @@ class UpstreamBackend:
         return await self._forward("/v1/chat/completions", req, request)
 
     async def completion(self, req: CompletionRequest, request: Request) -> Response:
-        if req.suffix:  # llama-server's /v1/completions would ignore it
-            raise no_fill_in_middle(req.model)
-        return await self._forward("/v1/completions", req, request)
+        if req.suffix is None:
+            return await self._forward("/v1/completions", req, request)
+        # llama-server ignores a suffix there: its /infill answers, translated.
+        infill = completion_as_infill(req, self.settings)
+        return await self._fim(fim_request_model(req.model, self.settings), infill, request,
+                               "/v1/completions", InfillAsCompletion(req), OPENAI_END)
+
+    async def infill(self, req: InfillRequest, request: Request) -> Response:
+        name = fim_request_model(req.model, self.settings)
+        return await self._fim(name, req, request, "/infill", None, LLAMA_END,
+                               requested=req.model)
+
+    async def _fim(self, name: str, req: InfillRequest, request: Request, route: str,
+                   reshape: Reshape | None, end: StreamEnd, requested: str | None = None
+                   ) -> Response:
+        try:
+            target = await self.resolve(name)
+            body = infill_body(req, target.upstream_id, self.settings)
+            turn = self.admission.take()
+        except APIError as exc:
+            self.stats.record(Outcome.REJECTED if exc.status in (429, 503) else Outcome.FAILED)
+            raise
+        try:
+            return await self.forwarder.forward("/infill", body, requested or target.id,
+                                                req.stream, request, turn, route,
+                                                reshape=reshape, end=end)
+        except APIError as exc:
+            raise as_fim_error(exc, target.id) from None
+
+    async def tokenize(self, req: TokenizeRequest, request: Request) -> Response:
+        return await self._plain("/tokenize", req.model, req.model_dump(), request)
+
+    async def detokenize(self, req: DetokenizeRequest, request: Request) -> Response:
+        return await self._plain("/detokenize", req.model, req.model_dump(), request)
+
+    async def _plain(self, path: str, model: str, data: dict[str, Any], request: Request
+                     ) -> Response:
+        target = await self.resolve(model)
+        return await post_plain(self.client, path, {**data, "model": target.upstream_id},
+                                request)
 
     async def embeddings(self, req: EmbeddingRequest, request: Request) -> Response:
         return await self._forward("/v1/embeddings", req, request)

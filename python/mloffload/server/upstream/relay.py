@@ -10,6 +10,7 @@ stops generating. A stream cut mid-way ends with an error event and ``[DONE]``.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import re
 import time
@@ -49,6 +50,33 @@ AnyRequest = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
 # Asked when a connection breaks mid-answer: a better explanation than "disconnected"
 # (managed mode: the engine died, with its signal and log), or None.
 Explain = Callable[[], Awaitable[APIError | None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamEnd:
+    """How a relayed stream says it is complete, and what follows an error event when it
+    breaks before that."""
+
+    mark: bytes
+    trailer: bytes
+
+
+OPENAI_END = StreamEnd(_DONE_MARK, DONE)
+# llama-server's own streams (/completion, /infill): the last event has "stop":true (a
+# string value cannot hold those bytes unescaped), and no [DONE] follows.
+LLAMA_END = StreamEnd(b'"stop":true', b"")
+
+
+class Reshape(Protocol):
+    """What becomes of an upstream answer on its way to our client."""
+
+    def block(self, data: bytes) -> bytes:
+        """Whole SSE events of a stream."""
+        ...
+
+    def body(self, data: bytes) -> bytes:
+        """A whole non-streamed answer."""
+        ...
 
 
 class Turn(Protocol):
@@ -92,6 +120,8 @@ class ModelRewrite:
             return block
         return block.replace(self.old, self.new)
 
+    block = body = __call__
+
 
 def request_body(req: AnyRequest, upstream_id: str, settings: Settings,
                  extra: dict[str, object] | None = None) -> bytes:
@@ -112,6 +142,21 @@ def request_body(req: AnyRequest, upstream_id: str, settings: Settings,
     if extra:
         data.update(extra)
     return orjson.dumps(data)
+
+
+async def post_plain(client: UpstreamClient, path: str, data: dict[str, object],
+                     request: Request) -> Response:
+    """A quick JSON request (``/tokenize``, ``/detokenize``) and its answer as it is; its
+    errors in our shape. Not an inference request: nothing is counted."""
+    try:
+        resp = await unless_disconnected(request, client.send("POST", path, orjson.dumps(data)))
+        content = await resp.aread()
+        await resp.aclose()
+    except httpx.HTTPError as exc:
+        raise client.transport_error(exc) from None
+    if resp.status_code != 200:
+        raise client.error(resp.status_code, content)
+    return Response(content, media_type="application/json")
 
 
 class Relay:
@@ -172,9 +217,11 @@ class Forwarder:
         return default
 
     async def forward(self, path: str, body: bytes, requested: str, stream: bool,
-                      request: Request, turn: Turn, route: str) -> Response:
+                      request: Request, turn: Turn, route: str, *,
+                      reshape: Reshape | None = None, end: StreamEnd = OPENAI_END) -> Response:
         """Send ``body`` and answer with the upstream's answer. ``turn`` is held by the
-        caller and ended here, whatever happens."""
+        caller and ended here, whatever happens. ``reshape`` replaces the model-name rewrite
+        (a translation to another API); ``end`` is the output's end-of-stream marker."""
         t0 = time.monotonic()
         try:
             resp = await unless_disconnected(request,
@@ -204,11 +251,11 @@ class Forwarder:
             raise error
         self.client.auth_error = None
         self.stats.begin()
-        rewrite = ModelRewrite(requested)
+        shape = reshape or ModelRewrite(requested)
         relay = Relay(self.stats, turn, resp, request)
         if stream:
-            return RelayResponse(self._relay(relay, rewrite, t0, route), relay)
-        content = rewrite(await self._read_all(relay))
+            return RelayResponse(self._relay(relay, shape, t0, route, end), relay)
+        content = shape.body(await self._read_all(relay))
         return Response(content, media_type="application/json")
 
     async def _read_all(self, relay: Relay) -> bytes:
@@ -235,8 +282,8 @@ class Forwarder:
         await relay.close()
         return content
 
-    async def _relay(self, relay: Relay, rewrite: ModelRewrite, t0: float,
-                     route: str) -> AsyncIterator[bytes]:
+    async def _relay(self, relay: Relay, shape: Reshape, t0: float, route: str,
+                     end: StreamEnd) -> AsyncIterator[bytes]:
         """Pass the upstream's SSE bytes through as they arrive, whole events at a time."""
         tail = relay.tail
         pending = b""
@@ -250,7 +297,7 @@ class Forwarder:
                         first = False
                     data = pending + chunk if pending else chunk
                     if data.endswith(b"\n\n"):  # the usual case: whole events, no copy
-                        out, pending = rewrite(data), b""
+                        raw, pending = data, b""
                     else:
                         cut = data.rfind(b"\n\n") + 2
                         if cut == 1:  # no event boundary yet
@@ -258,16 +305,17 @@ class Forwarder:
                                 pending = data
                                 continue
                             cut = len(data)
-                        out, pending = rewrite(data[:cut]), data[cut:]
+                        raw, pending = data[:cut], data[cut:]
+                    out = shape.block(raw)
                     if _ERROR_EVENT in out:
                         out = self._convert_errors(out)
                         upstream_failed = True
-                    if _DONE_MARK in out:
+                    if end.mark in out:
                         done = True
                         # Settled before the last write: a client that hangs up once it has
                         # [DONE] got the whole answer, and is not a cancel.
                         relay.outcome = Outcome.FAILED if upstream_failed else Outcome.COMPLETED
-                    tail.append(out)
+                    tail.append(raw)  # the upstream's own usage or timings, for our counts
                     yield out
             except httpx.HTTPError as exc:
                 log.warning("stream from %s broke: %r", self.client.label, exc)
@@ -283,7 +331,8 @@ class Forwarder:
                         code="upstream_disconnected"))
                 relay.outcome = Outcome.FAILED
                 yield event(error_body(err.message, "upstream_error", None, err.code))
-                yield DONE
+                if end.trailer:
+                    yield end.trailer
                 return
             if not done:
                 if not upstream_failed:
@@ -292,7 +341,8 @@ class Forwarder:
                         "the answer is incomplete.", code="upstream_disconnected"))
                     yield event(error_body(err.message, "upstream_error", None, err.code))
                 relay.outcome = Outcome.FAILED
-                yield DONE
+                if end.trailer:
+                    yield end.trailer
         finally:
             await relay.close()
 
