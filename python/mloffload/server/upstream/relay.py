@@ -51,6 +51,20 @@ AnyRequest = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
 Explain = Callable[[], Awaitable[APIError | None]]
 
 
+# Transport failures before the answer's headers: the request reached no one, or the
+# connection broke before a byte of the answer came back, so another replica can take it.
+NOT_SENT_CODES = frozenset({"backend_unavailable", "upstream_error"})
+
+
+class NotSent(Exception):
+    """``forward(..., retry=True)``: the connection failed before any byte of the answer; the
+    turn is ended and nothing was counted, so the caller may send it elsewhere."""
+
+    def __init__(self, error: APIError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 class Turn(Protocol):
     """A request's place at the upstream (a slot lease, or an admission count)."""
 
@@ -172,14 +186,19 @@ class Forwarder:
         return default
 
     async def forward(self, path: str, body: bytes, requested: str, stream: bool,
-                      request: Request, turn: Turn, route: str) -> Response:
+                      request: Request, turn: Turn, route: str, retry: bool = False
+                      ) -> Response:
         """Send ``body`` and answer with the upstream's answer. ``turn`` is held by the
-        caller and ended here, whatever happens."""
+        caller and ended here, whatever happens. ``retry``: raise NotSent, uncounted, when
+        the connection fails before the answer begins (another replica may take it)."""
         t0 = time.monotonic()
         try:
             resp = await unless_disconnected(request,
                                              self.client.send("POST", path, body, last=stream))
         except APIError as exc:
+            if retry and exc.code in NOT_SENT_CODES:
+                turn.end(Outcome.FAILED)
+                raise NotSent(exc) from None
             if exc.code in ("upstream_error", "backend_unavailable", "upstream_timeout"):
                 exc = await self._broken(exc)  # e.g. the engine died under the request
             self.stats.record(Outcome.REJECTED if exc.status in (429, 503) else Outcome.FAILED)
