@@ -195,9 +195,27 @@ def test_requests_spread_across_replicas(api: httpx.Client,
 def test_a_replica_dying_mid_run_costs_no_request_that_had_not_started(
         api: httpx.Client, ours: ServerProcess, servers: dict[str, LlamaServer]) -> None:
     a, b = servers["twin_a"], servers["twin_b"]
-    results: list[tuple[float, bool, bool]] = []  # (started, streamed, answered in full)
+    results: list[tuple[float, bool, str]] = []  # (started, streamed, how it ended)
     stop = threading.Event()
     killed_at: list[float] = []
+
+    def one(client: httpx.Client, streamed: bool) -> str:
+        body = {"model": "twin", "prompt": "Once upon a time", "max_tokens": 12,
+                "ignore_eos": True, "stream": streamed}
+        try:
+            with client.stream("POST", "/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    return f"HTTP {r.status_code}: {r.read().decode()}"
+                if not streamed:
+                    r.read()
+                    return "ok" if r.json()["usage"]["completion_tokens"] == 12 else r.text
+                events = list(sse_events(r))
+        except httpx.HTTPError as exc:
+            return f"transport: {exc!r}"
+        errors = [e for e in events if isinstance(e, dict) and "error" in e]
+        if events[-1] != "[DONE]":
+            return "no [DONE]"
+        return f"error event: {errors[0]['error']['code']}" if errors else "ok"
 
     def worker(i: int) -> None:
         with httpx.Client(base_url=ours.url, timeout=120) as client:
@@ -205,24 +223,8 @@ def test_a_replica_dying_mid_run_costs_no_request_that_had_not_started(
             while not stop.is_set():
                 streamed = (i + n) % 2 == 0
                 n += 1
-                body = {"model": "twin", "prompt": "Once upon a time", "max_tokens": 12,
-                        "ignore_eos": True, "stream": streamed}
                 started = time.monotonic()
-                try:
-                    with client.stream("POST", "/v1/completions", json=body) as r:
-                        if r.status_code != 200:
-                            r.read()
-                            ok = False
-                        elif streamed:
-                            events = list(sse_events(r))
-                            ok = events[-1] == "[DONE]" and not any(
-                                isinstance(e, dict) and "error" in e for e in events)
-                        else:
-                            r.read()
-                            ok = r.json()["usage"]["completion_tokens"] == 12
-                except httpx.HTTPError:
-                    ok = False
-                results.append((started, streamed, ok))
+                results.append((started, streamed, one(client, streamed)))
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
     for t in threads:
@@ -237,12 +239,33 @@ def test_a_replica_dying_mid_run_costs_no_request_that_had_not_started(
         stop.set()
         for t in threads:
             t.join(120)
-    after = [(s, streamed, ok) for s, streamed, ok in results if s > killed_at[0]]
-    assert after and all(ok for _, _, ok in after), after
+    after = [how for started, _, how in results if started > killed_at[0]]
+    assert after and all(how == "ok" for how in after), after
     # Not even those that had started: a non-streamed answer's headers come only when it is
-    # done, so a connection lost under it is retried on the other replica.
-    assert all(ok for _, streamed, ok in results if not streamed), results
+    # done, so a connection lost under it is retried on the other replica. A stream that was
+    # under way ends with the error event and [DONE].
+    assert all(how == "ok" for _, streamed, how in results if not streamed), results
+    assert all(how in ("ok", "error event: upstream_disconnected")
+               for _, streamed, how in results if streamed), results
     assert upstream_entry(api, b)["ready"] is False and upstream_entry(api, a)["ready"] is True
+
+
+def test_a_client_leaving_a_stream_stops_the_replica(api: httpx.Client,
+                                                     servers: dict[str, LlamaServer]) -> None:
+    replicas = servers["twin_a"], servers["twin_b"]
+    before = [s.wait_idle()["tokens_predicted_total"] for s in replicas]
+    long = 400
+    body = {"model": "twin", "prompt": "Once upon a time", "max_tokens": long,
+            "ignore_eos": True, "stream": True}
+    with api.stream("POST", "/v1/completions", json=body) as r:
+        events = sse_events(r)
+        for _ in range(3):
+            assert next(events)["choices"][0]["text"] is not None
+    after = [s.wait_idle()["tokens_predicted_total"] for s in replicas]
+    made = sum(after) - sum(before)
+    assert 3 <= made < long / 2, made
+    wait_for(lambda: all(u["in_flight"] == 0 for u in api.get("/status").json()["upstreams"]),
+             what="nothing left in flight")
 
 
 # --- limits -----------------------------------------------------------------------------
