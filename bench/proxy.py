@@ -15,6 +15,11 @@ drift hits both alike:
 Each path has its own keep-alive ``httpx.Client``, as a real client would. Writes
 ``<out>/proxy.json`` (machine, versions, command, settings, every sample's numbers) and
 ``<out>/proxy.md``.
+
+``--via upstreams`` measures the router instead (issue 18): our server runs its own
+in-process backend and has the llama-server as a remote upstream (``ML_OFFLOAD_UPSTREAMS``),
+the requests name the upstream's model (``--alias``), and the files are
+``proxy-upstreams.{json,md}``.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ SHORT_PROMPT = "The capital of France is"
 STREAM_PROMPT = "Once upon a time, in a small village by the sea, there lived"
 ADDED_P50_TARGET_MS = 2.0
 THROUGHPUT_TARGET = 0.97
+UPSTREAM_ALIAS = "bench-upstream"  # the llama-server's model name (--via upstreams asks for it)
 
 
 def llama_server_binary(explicit: str | None) -> str:
@@ -82,13 +88,20 @@ def start(args: argparse.Namespace, model: Path, binary: str,
         "llama-server",
         [binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(up_port),
          "-c", str(args.n_ctx), "-t", str(args.threads), "-tb", str(args.threads),
-         "-ngl", str(args.n_gpu_layers), "-np", "1", "--chat-template", "gemma", "--no-webui"],
+         "-ngl", str(args.n_gpu_layers), "-np", "1", "--chat-template", "gemma", "--no-webui",
+         *(["--alias", UPSTREAM_ALIAS] if args.via == "upstreams" else [])],
         url=f"http://127.0.0.1:{up_port}", log_dir=log_dir)
     upstream.wait_ready("/health")
+    backend: dict[str, str | None] = {
+        "ML_OFFLOAD_BACKEND": "llama-server", "ML_OFFLOAD_LLAMACPP_URL": upstream.url,
+        "ML_OFFLOAD_UPSTREAMS": None}
+    if args.via == "upstreams":  # our own engine in-process, the llama-server a remote one
+        backend = {"ML_OFFLOAD_BACKEND": "llamacpp", "ML_OFFLOAD_UPSTREAMS": upstream.url,
+                   "ML_OFFLOAD_THREADS": "1"}
     ours = ManagedProcess(
         "ml-offload", [sys.executable, "-m", "mloffload.server"],
         url=f"http://127.0.0.1:{our_port}", log_dir=log_dir,
-        env={"ML_OFFLOAD_BACKEND": "llama-server", "ML_OFFLOAD_LLAMACPP_URL": upstream.url,
+        env={**backend,
              "ML_OFFLOAD_PORT": str(our_port), "ML_OFFLOAD_DATA_DIR": str(log_dir / "data"),
              "ML_OFFLOAD_DEFAULT_MODEL": str(model), "ML_OFFLOAD_API_KEY": None,
              "ML_OFFLOAD_CONFIG": None})
@@ -136,8 +149,10 @@ def run(args: argparse.Namespace) -> int:
     clients = {p: httpx.Client(base_url=urls[p], timeout=600, limits=limits) for p in PATHS}
     streamers = {p: httpx.Client(base_url=urls[p], timeout=600, headers={"Connection": "close"})
                  for p in PATHS}
-    short = {"prompt": SHORT_PROMPT, "max_tokens": 1, "temperature": 0, "seed": args.seed}
-    stream = {"prompt": STREAM_PROMPT, "max_tokens": args.max_tokens, "temperature": 0,
+    named = {"model": UPSTREAM_ALIAS} if args.via == "upstreams" else {}
+    short = {**named, "prompt": SHORT_PROMPT, "max_tokens": 1, "temperature": 0,
+             "seed": args.seed}
+    stream = {**named, "prompt": STREAM_PROMPT, "max_tokens": args.max_tokens, "temperature": 0,
               "seed": args.seed, "ignore_eos": True, "stream": True,
               "stream_options": {"include_usage": True}}
     try:
@@ -174,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
         "versions": {"ml-offload": package_version("ml-offload"),
                      "httpx": package_version("httpx"), "uvicorn": package_version("uvicorn"),
                      "llama_server": _version(binary)},
-        "settings": {"model": str(model), "n_ctx": args.n_ctx, "threads": args.threads,
+        "settings": {"via": args.via, "model": str(model), "n_ctx": args.n_ctx,
+                     "threads": args.threads,
                      "n_gpu_layers": args.n_gpu_layers, "max_tokens": args.max_tokens,
                      "seed": args.seed, "latency_reps": args.latency_reps,
                      "stream_reps": args.stream_reps, "warmup": args.warmup,
@@ -188,8 +204,9 @@ def run(args: argparse.Namespace) -> int:
         },
     })
     out = Path(args.out)
-    write_json(out / "proxy.json", result)
-    (out / "proxy.md").write_text(markdown(result))
+    name = "proxy" if args.via == "llama-server" else "proxy-upstreams"
+    write_json(out / f"{name}.json", result)
+    (out / f"{name}.md").write_text(markdown(result))
     print(markdown(result))
     return 0
 
@@ -258,9 +275,13 @@ def markdown(r: dict[str, Any]) -> str:
                f"{'met' if t['latency_met'] else 'NOT met'}; decode ≥ "
                f"{t['decode_throughput_ratio']:g}× direct: "
                f"{'met' if t['throughput_met'] else 'NOT met'}")
+    how = ("as a remote upstream of our router (`--via upstreams`: in-process backend "
+           "beside it, requests name its model)" if st.get("via") == "upstreams" else
+           "with `--backend llama-server`")
     return "\n".join([
         "# Proxy benchmark: ml-offload in front of llama-server",
         "",
+        f"- **How**: llama-server {how}",
         f"- **Date**: {r['date']} (git {r['git_commit']})",
         f"- **Command**: `{r['command']}`",
         f"- **Machine**: {cpu['model']}, {m['cpus_usable']} usable CPUs, "
@@ -305,6 +326,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
     p.add_argument("--log-dir", help="keep the servers' logs here (default: a temp dir)")
     p.add_argument("--quick", action="store_true", help="30 latency + 3 stream pairs")
+    p.add_argument("--via", choices=("llama-server", "upstreams"), default="llama-server",
+                   help="our server as the llama-server backend, or as a router with the "
+                   "llama-server as its remote upstream")
     args = parse_shared_args(p, argv, "proxy")
     if args.quick:
         args.latency_reps, args.stream_reps, args.warmup = 30, 3, 1

@@ -12,6 +12,8 @@ from mloffload.config import (
     OPTIONS,
     ConfigError,
     Settings,
+    UpstreamConfig,
+    UpstreamModelName,
     load_settings,
     parse_duration,
     parse_size,
@@ -74,6 +76,68 @@ def test_bad_values_are_clear_errors(env: dict[str, str]) -> None:
 def test_durations_are_finite(value: str | float) -> None:
     with pytest.raises(ConfigError, match="not a duration"):
         parse_duration(value)
+
+
+def test_upstreams_from_flags_environment_and_toml(tmp_path: Path) -> None:
+    # The simple case: URLs, a key in one of them; the URL kept has no credentials.
+    flags = ["--upstream", "http://gpu-box:8080", "--upstream", "http://k3y%2Fin-url@10.0.0.7:8000/v1/"]
+    s = load_settings(flags, environ={})
+    assert [u.url for u in s.upstreams] == ["http://gpu-box:8080", "http://10.0.0.7:8000"]
+    assert [u.api_key for u in s.upstreams] == ["", "k3y/in-url"]
+    assert s.upstreams[1].key_source == "the key in its URL"
+    assert "k3y" not in repr(s) and "k3y" not in str(s.upstreams)
+    env = {"ML_OFFLOAD_UPSTREAMS": "http://a:1, https://user:pw@b:2"}
+    s = load_settings([], environ=env)
+    assert [(u.url, u.api_key) for u in s.upstreams] == [("http://a:1", ""), ("https://b:2", "pw")]
+    # TOML: tables with models (aliases allowed), a key file and a limit; the flag wins.
+    key = tmp_path / "vllm.key"
+    key.write_text("s3cret\n")
+    toml = tmp_path / "ml.toml"
+    toml.write_text(f'''
+[[upstreams]]
+url = "http://gpu-box:8080"
+[[upstreams]]
+url = "http://10.0.0.7:8000"
+models = ["qwen2.5-coder-32b", {{ id = "Qwen/Qwen2.5-7B", aliases = ["chat", "q7"] }}]
+api_key_file = "{key}"
+max_in_flight = 8
+''')
+    s = load_settings(["--config", str(toml)], environ={})
+    assert s.upstreams == (
+        UpstreamConfig("http://gpu-box:8080"),
+        UpstreamConfig("http://10.0.0.7:8000", (
+            UpstreamModelName("qwen2.5-coder-32b"),
+            UpstreamModelName("Qwen/Qwen2.5-7B", ("chat", "q7"))), "s3cret",
+            f"the key in api_key_file {key} of its [[upstreams]] entry", 8))
+    assert load_settings(["--config", str(toml), "--upstream", "http://c:3"],
+                         environ={}).upstreams == (UpstreamConfig("http://c:3"),)
+    assert load_settings([], environ={}).upstreams == ()
+
+
+@pytest.mark.parametrize(("toml", "said"), [
+    ('upstreams = ["ftp://x"]', "http:// or https://"),
+    ('upstreams = ["http://"]', "with a host"),
+    ('upstreams = ["http://a:1", "http://a:1/"]', "more than once"),
+    ('[[upstreams]]\nurl = "http://a:1"\nmax_in_flight = 0', "positive integer"),
+    ('[[upstreams]]\nurl = "http://a:1"\nkey = "x"', "may have api_key_file"),
+    ('[[upstreams]]\nmodels = ["m"]', "needs url"),
+    ('[[upstreams]]\nurl = "http://a:1"\nmodels = "m"', "must be a list"),
+    ('[[upstreams]]\nurl = "http://a:1"\nmodels = [{ name = "m" }]', "a model is an id"),
+    ('[[upstreams]]\nurl = "http://a:1"\napi_key_file = "/nonexistent/key"',
+     "cannot read api_key_file"),
+    ('upstream_health_interval = "0s"', "must be positive"),
+])
+def test_bad_upstreams_are_clear_errors(tmp_path: Path, toml: str, said: str) -> None:
+    path = tmp_path / "ml.toml"
+    path.write_text(toml + "\n")
+    with pytest.raises(ConfigError, match=said.replace("(", r"\(")):
+        load_settings(["--config", str(path)], environ={})
+
+
+def test_a_bad_upstream_url_error_hides_its_key() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(["--upstream", "ftp://secret-key@host"], environ={})
+    assert "secret-key" not in str(err.value)
 
 
 def test_unknown_file_key(tmp_path: Path) -> None:

@@ -195,7 +195,30 @@ def test_status_and_models_views() -> None:
     assert ids == ["a", "b"] and cursor == 4
     assert lines[3].startswith("* a ") and "241 MiB" in lines[3] and "loaded" in lines[3]
     assert " 2048 " in lines[3] and "32768" not in lines[3]  # the served context
-    assert lines[4].startswith("  b ") and "2.0 GiB" in lines[4] and lines[4].endswith("-")
+    assert lines[4].startswith("  b ") and "2.0 GiB" in lines[4]
+    assert lines[4].endswith("  -       local")
+    # Models of remote upstreams: where each runs, and whether it answers now.
+    remote = [{"id": "coder", "meta": {"aliases": ["c"], "upstream": {
+                  "url": "http://gpu-box:8080", "state": "up", "available": True},
+                  "replicas": [{"url": "http://gpu-box:8080"}, {"url": "http://gpu-2:8080"}]}},
+              {"id": "big", "meta": {"upstream": {"url": "http://10.0.0.7:8000",
+                                                  "state": "down", "available": False}}}]
+    lines, ids, cursor = models_lines(remote, "c", "here")
+    assert ids == ["coder", "big"] and cursor == 4
+    assert lines[3].startswith("* coder ")
+    assert lines[3].endswith("up      http://gpu-box:8080 +1 replica  (c)")
+    assert lines[4].endswith("down    http://10.0.0.7:8000")
+    # :MLStatus: every upstream's health next to the local backend's.
+    health["backends"] = {
+        "llamacpp": {"ready": True, "details": "ok"},
+        "http://gpu-box:8080": {"url": "http://gpu-box:8080", "state": "up", "ready": True,
+                                "models": ["coder"], "in_flight": 2, "waiting": 1},
+        "http://10.0.0.7:8000": {"url": "http://10.0.0.7:8000", "state": "down",
+                                 "ready": False, "details": "not reachable (refused)"}}
+    text = "\n".join(status_lines("http://x", health, status, vram))
+    assert "Backend   llamacpp: ready — ok" in text
+    assert "Upstream  http://gpu-box:8080: up — serving coder; 2 in flight, 1 waiting" in text
+    assert "Upstream  http://10.0.0.7:8000: down — not reachable (refused)" in text
 
 
 def _sse(*chunks: str) -> bytes:

@@ -15,6 +15,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 ENV_PREFIX = "ML_OFFLOAD_"
 
@@ -109,6 +110,111 @@ def parse_paths(text: str | Sequence[str]) -> list[str]:
     return [str(p) for p in text]
 
 
+@dataclasses.dataclass(frozen=True)
+class UpstreamModelName:
+    """A model an upstream serves: its own id there, and other names it answers to here."""
+
+    id: str
+    aliases: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class UpstreamConfig:
+    """One remote OpenAI-compatible server (``[[upstreams]]``, ``--upstream``).
+
+    ``url`` never carries credentials: a key written in the URL (``http://KEY@host``) or read
+    from ``api_key_file`` is kept in ``api_key`` (left out of the repr), and ``key_source``
+    says where it came from, for the error that tells a user to fix it.
+    """
+
+    url: str
+    models: tuple[UpstreamModelName, ...] = ()  # empty: whatever its /v1/models lists
+    api_key: str = dataclasses.field(default="", repr=False)
+    key_source: str = ""
+    max_in_flight: int | None = None  # None: its slots when it reports them, else no limit
+
+
+_UPSTREAM_KEYS = {"url", "models", "api_key_file", "max_in_flight"}
+
+
+def _upstream_url(text: str) -> tuple[str, str]:
+    """``(url without credentials, the key written in it)``; the key is the password of the
+    userinfo, or its user name when there is no password (``http://KEY@host:8000``)."""
+    parts = urlsplit(str(text).strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"an upstream needs an http:// or https:// URL with a host, not "
+                          f"{_redact(str(text))!r}")
+    key = unquote(parts.password or parts.username or "")
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    path = parts.path.rstrip("/")
+    if path.endswith("/v1"):  # OpenAI clients' base URL: the upstream is the server
+        path = path[:-3]
+    return urlunsplit((parts.scheme, netloc, path, "", "")), key
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//[^/@]*@", "//…@", url)
+
+
+def _upstream_models(value: Any, where: str) -> tuple[UpstreamModelName, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: models must be a list of ids or {{id, aliases}} tables")
+    out = []
+    for item in value:
+        if isinstance(item, str) and item:
+            out.append(UpstreamModelName(item))
+        elif isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"] and \
+                set(item) <= {"id", "aliases"} and \
+                all(isinstance(a, str) and a for a in item.get("aliases", [])):
+            out.append(UpstreamModelName(item["id"], tuple(item.get("aliases", []))))
+        else:
+            raise ConfigError(f"{where}: a model is an id or {{id = \"...\", aliases = "
+                              f"[\"...\"]}}, not {item!r}")
+    return tuple(out)
+
+
+def _upstream(item: Any) -> UpstreamConfig:
+    if isinstance(item, str):
+        url, key = _upstream_url(item)
+        return UpstreamConfig(url, api_key=key, key_source="the key in its URL" if key else "")
+    if not isinstance(item, dict):
+        raise ConfigError(f"an upstream is a URL or a table with url, models, api_key_file, "
+                          f"max_in_flight; not {item!r}")
+    unknown = set(item) - _UPSTREAM_KEYS
+    if unknown or not isinstance(item.get("url"), str):
+        raise ConfigError(f"an upstream table needs url (a string) and may have "
+                          f"{', '.join(sorted(_UPSTREAM_KEYS - {'url'}))}; got "
+                          f"{', '.join(sorted(item))}")
+    url, key = _upstream_url(item["url"])
+    where = f"upstream {url}"
+    source = "the key in its URL" if key else ""
+    if "api_key_file" in item:
+        key_file = _path(item["api_key_file"])
+        try:
+            key = key_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read api_key_file {key_file}: {exc}") from None
+        source = f"the key in api_key_file {key_file} of its [[upstreams]] entry"
+    limit = item.get("max_in_flight")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"{where}: max_in_flight must be a positive integer, not {limit!r}")
+    models = _upstream_models(item["models"], where) if "models" in item else ()
+    return UpstreamConfig(url, models, key, source, limit)
+
+
+def parse_upstreams(value: str | Sequence[Any]) -> tuple[UpstreamConfig, ...]:
+    """Upstreams from the environment (comma-separated URLs), the repeated ``--upstream``
+    flag (a list of URLs) or TOML (a list of URLs or ``[[upstreams]]`` tables)."""
+    items = parse_list(value) if isinstance(value, str) else list(value)
+    upstreams = tuple(_upstream(item) for item in items)
+    urls = [u.url for u in upstreams]
+    if len(set(urls)) != len(urls):
+        twice = sorted({u for u in urls if urls.count(u) > 1})
+        raise ConfigError(f"upstream {', '.join(twice)} is listed more than once")
+    return upstreams
+
+
 def parse_int(text: str | int) -> int:
     try:
         return int(text)
@@ -135,6 +241,7 @@ class Option:
     metavar: str = "VALUE"
     flag_only: bool = False  # a CLI switch with no environment variable (e.g. --config)
     shown_default: str | None = None  # what --help says when the default is computed
+    repeat: str | None = None  # a repeatable flag (--upstream URL --upstream URL) of this name
 
     @property
     def env(self) -> str:
@@ -142,16 +249,19 @@ class Option:
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return "--" + (self.repeat or self.name).replace("_", "-")
 
 
 T = TypeVar("T")
 
 
 def setting(default: T, parse: Callable[[Any], Any], help: str, metavar: str = "VALUE",
-            shown: str | None = None, factory: Callable[[], T] | None = None) -> T:
-    """One setting, declared once: its ``Settings`` field and its row in ``OPTIONS``."""
-    meta = {"parse": parse, "help": help, "metavar": metavar, "shown": shown}
+            shown: str | None = None, factory: Callable[[], T] | None = None,
+            repeat: str | None = None) -> T:
+    """One setting, declared once: its ``Settings`` field and its row in ``OPTIONS``.
+    ``repeat``: the flag is given once per value, under this name (the list's parser then
+    gets a list of the values)."""
+    meta = {"parse": parse, "help": help, "metavar": metavar, "shown": shown, "repeat": repeat}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)  # type: ignore[no-any-return]
     return dataclasses.field(default=default, metadata=meta)  # type: ignore[no-any-return]
@@ -258,6 +368,13 @@ class Settings:
         "this machine's build in ~/.cache/ml-offload, else llama-server on PATH); with "
         "backend llama-server, start it yourself on the llamacpp_url port and restart it if "
         "it dies", "PATH")
+    upstreams: tuple[UpstreamConfig, ...] = setting(
+        (), parse_upstreams, "a remote OpenAI-compatible server (llama-server, vLLM, another "
+        "ml-offload) whose models are routed to it; repeat the flag for more (environment: "
+        "comma-separated; TOML: [[upstreams]] tables with url, models, api_key_file, "
+        "max_in_flight)", "URL", repeat="upstream")
+    upstream_health_interval: float = setting(
+        5.0, parse_duration, "how often each upstream is probed (its /v1/models)", "DURATION")
     log_level: str = setting("info", _choice("debug", "info", "warning", "error"),
                              "log verbosity (debug also logs prompt text)", "LEVEL")
     log_json: bool = setting(False, parse_bool, "log one JSON object per line", "BOOL")
@@ -300,7 +417,8 @@ def _options() -> tuple[Option, ...]:
     for f in dataclasses.fields(Settings):
         default = f.default if f.default is not dataclasses.MISSING else None
         out.append(Option(f.name, default, f.metadata["parse"], f.metadata["help"],
-                          f.metadata["metavar"], shown_default=f.metadata["shown"]))
+                          f.metadata["metavar"], shown_default=f.metadata["shown"],
+                          repeat=f.metadata["repeat"]))
         out.extend(o for o in _FILE_OPTIONS if _AFTER[o.name] == f.name)
     return tuple(out)
 
@@ -324,6 +442,7 @@ def build_parser(prog: str = "python -m mloffload.server") -> argparse.ArgumentP
             dest=opt.name,
             metavar=opt.metavar,
             default=argparse.SUPPRESS,
+            action="append" if opt.repeat else "store",
             help=f"{opt.help} [{opt.env}; default: {default}]",
         )
     return parser
@@ -413,3 +532,5 @@ def _validate(s: Settings) -> None:
         raise ConfigError("max_connections must be at least 1")
     if s.max_header_size < 1024:
         raise ConfigError("max_header_size must be at least 1KiB")
+    if s.upstream_health_interval <= 0:
+        raise ConfigError("upstream_health_interval must be positive")

@@ -65,6 +65,9 @@ def status_lines(url: str, health: Mapping[str, Any] | None, status: Mapping[str
     health = health or {}
     lines.append(f"Server    {url}: {health.get('status', 'unknown')}")
     for name, detail in (health.get("backends") or {}).items():
+        if "url" in detail:
+            lines.append(upstream_line(detail))
+            continue
         ready = "ready" if detail.get("ready") else "not ready"
         lines.append(f"Backend   {name}: {ready} — {detail.get('details', '')}")
     lines.extend(loaded_model_lines(status))
@@ -77,6 +80,28 @@ def status_lines(url: str, health: Mapping[str, Any] | None, status: Mapping[str
     lines.append("")
     lines.extend(vram_lines(vram))
     return lines
+
+
+def upstream_line(detail: Mapping[str, Any]) -> str:
+    """A remote upstream's health: up with what it serves and how busy, or why not."""
+    state = detail.get("state") or ("up" if detail.get("ready") else "down")
+    if detail.get("ready"):
+        what = (f"serving {', '.join(detail.get('models') or []) or 'no models'}; "
+                f"{detail.get('in_flight', 0)} in flight, {detail.get('waiting', 0)} waiting")
+    else:
+        what = str(detail.get("details") or "")
+    return f"Upstream  {detail.get('url')}: {state} — {what}"
+
+
+def where_runs(meta: Mapping[str, Any]) -> tuple[str, str]:
+    """(state, where) of a model: loaded here or not, or its upstream's state and URL."""
+    upstream = meta.get("upstream")
+    if not isinstance(upstream, Mapping):
+        return ("loaded" if meta.get("loaded") else "-"), "local"
+    replicas = meta.get("replicas") or []
+    more = f" +{len(replicas) - 1} replica{'s' if len(replicas) > 2 else ''}" \
+        if len(replicas) > 1 else ""
+    return str(upstream.get("state") or "?"), f"{upstream.get('url')}{more}"
 
 
 def fallback_summary(info: Mapping[str, Any]) -> str:
@@ -105,7 +130,7 @@ def models_lines(cards: Sequence[Mapping[str, Any]], current: str, where: str,
     (1-based) of the current model (else the first model). ``context`` is the context the
     backend runs each model with (``n_ctx``) when known, else the file's trained length."""
     lines = [f"# Models ({where}) — <CR> uses the model under the cursor", "",
-             f"  {'id':<28} {'size':>9}  {'quant':<8} {'context':>8}  state"]
+             f"  {'id':<28} {'size':>9}  {'quant':<8} {'context':>8}  {'state':<7} where"]
     ids = []
     cursor = 0
     for card in cards:
@@ -114,12 +139,12 @@ def models_lines(cards: Sequence[Mapping[str, Any]], current: str, where: str,
         aliases = [a for a in meta.get("aliases") or [] if a]
         is_current = current in (mid, *aliases)
         mark = "*" if is_current else " "
-        state = "loaded" if meta.get("loaded") else "-"
+        state, place = where_runs(meta)
         names = f"  ({', '.join(aliases)})" if aliases else ""
         context = (n_ctx or {}).get(mid) or meta.get("context_length") or "?"
         lines.append(f"{mark} {mid:<28} {_size(meta.get('file_size')):>9}  "
                      f"{meta.get('quantization') or '?'!s:<8} "
-                     f"{context!s:>8}  {state}{names}")
+                     f"{context!s:>8}  {state:<7} {place}{names}")
         ids.append(mid)
         if is_current and not cursor:
             cursor = len(lines)

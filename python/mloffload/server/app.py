@@ -49,8 +49,23 @@ class OpenAICORSMiddleware(CORSMiddleware):
 
 def make_backend(settings: Settings, registry: Registry, gpu: GPUProbe, stats: Stats,
                  runtime: Runtime | None = None) -> Backend:
-    """The backend ``settings`` name (see server/mode.py). ``runtime`` replaces how models
-    run (tests give an engine of their own; lifecycle, queue and routes stay the real ones)."""
+    """The backend ``settings`` name (see server/mode.py), behind a router to the remote
+    upstreams when there are any. ``runtime`` replaces how models run (tests give an engine
+    of their own; lifecycle, queue and routes stay the real ones)."""
+    primary = _primary_backend(settings, registry, gpu, stats, runtime)
+    if not settings.upstreams:
+        return primary
+    from .upstream.remote import Remote
+    from .upstream.router import Router
+
+    remotes = [Remote(u, settings, stats) for u in settings.upstreams]
+    log.info("upstreams: %s", ", ".join(r.url for r in remotes))
+    router: Backend = Router(primary, remotes, registry, settings, stats)
+    return router
+
+
+def _primary_backend(settings: Settings, registry: Registry, gpu: GPUProbe, stats: Stats,
+                     runtime: Runtime | None) -> Backend:
     from .manager import ModelManager
 
     mode = resolve_mode(settings)

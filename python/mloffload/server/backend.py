@@ -36,6 +36,8 @@ class Health:
     state: HealthState
     reason: str  # why not ready ("" when ready)
     detail: dict[str, Any]  # the `backends.llamacpp` entry of /api/health
+    # Remote upstreams (server/upstream/router.py): URL → its entry under `backends`.
+    upstreams: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def ready(self) -> bool:

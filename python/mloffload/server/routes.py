@@ -96,8 +96,10 @@ async def api_health(request: Request) -> Response:
     health = await backend.health()
     status = "healthy" if health.ready else (
         "loading" if health.detail.get("available") else "unhealthy")
+    if health.ready and not all(u["ready"] for u in health.upstreams.values()):
+        status = "degraded"  # we serve; some upstream's models do not answer now
     return json_response({"status": status, "backend": backend.name,
-                          "backends": {"llamacpp": health.detail}})
+                          "backends": {"llamacpp": health.detail, **health.upstreams}})
 
 
 @router.get("/api/backend/info", summary="Engine facts and default/loaded model details")

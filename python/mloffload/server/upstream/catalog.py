@@ -20,8 +20,10 @@ class UpstreamModel:
     """One model the upstream serves, matched (by file path) to the registry when known."""
 
     def __init__(self, upstream_id: str, path: str | None, meta: dict[str, Any], created: int,
-                 entry: ModelEntry | None, is_default: bool) -> None:
+                 entry: ModelEntry | None, is_default: bool,
+                 upstream_aliases: tuple[str, ...] = ()) -> None:
         self.upstream_id = upstream_id
+        self.upstream_aliases = upstream_aliases  # its other names there (llama-server --alias)
         self.path = path
         self.upstream_meta = meta
         self.created = created
@@ -74,11 +76,19 @@ def _same_file(a: str | None, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-async def fetch_catalog(client: UpstreamClient, registry: Registry
+async def _nothing() -> None:
+    return None
+
+
+async def fetch_catalog(client: UpstreamClient, registry: Registry | None, props: bool = True
                         ) -> tuple[list[UpstreamModel], int | None]:
-    """The upstream's models, and its slot count when it reports one."""
+    """The upstream's models, and its slot count when it reports one (``props``: ask its
+    ``/props``, which llama-server has). With ``registry`` its models are matched to our
+    files (the first one also answers to ``default``); without, as a remote upstream's are,
+    they keep the upstream's ids."""
     results: tuple[Any, ...] = await asyncio.gather(
-        client.get_json("/v1/models"), client.get_json("/props"), return_exceptions=True)
+        client.get_json("/v1/models"), client.get_json("/props") if props else _nothing(),
+        return_exceptions=True)
     listing, props = results
     if isinstance(listing, BaseException):
         raise listing
@@ -92,7 +102,7 @@ async def fetch_catalog(client: UpstreamClient, registry: Registry
     for m in listing.get("models") or []:  # llama-server's ollama-style list has the file
         if isinstance(m, dict) and isinstance(m.get("name"), str):
             paths[m["name"]] = str(m.get("model") or m["name"])
-    entries = [e for e in registry.list() if e.usable]
+    entries = [e for e in registry.list() if e.usable] if registry is not None else []
     out = []
     data = listing.get("data") or []
     for i, card in enumerate(data):
@@ -106,7 +116,10 @@ async def fetch_catalog(client: UpstreamClient, registry: Registry
         entry = next((e for e in entries if _same_file(path, e.path)), None) if path else None
         meta = card.get("meta") if isinstance(card.get("meta"), dict) else {}
         created = card.get("created")
+        aliases = card.get("aliases") if isinstance(card.get("aliases"), list) else []
         out.append(UpstreamModel(
             uid, path or (model_path if isinstance(model_path, str) else None), meta,
-            created if isinstance(created, int) else int(time.time()), entry, i == 0))
+            created if isinstance(created, int) else int(time.time()), entry,
+            i == 0 and registry is not None,
+            tuple(a for a in aliases if isinstance(a, str) and a and a != uid)))
     return out, slots if isinstance(slots, int) and slots > 0 else None

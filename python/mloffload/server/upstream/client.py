@@ -40,9 +40,10 @@ _UPSTREAM_CODES = {
 
 
 def upstream_error(status: int, content: bytes, label: str, keyed: bool = False,
-                   key_hint: str = "ML_OFFLOAD_LLAMACPP_API_KEY (or llamacpp_api_key_file)"
-                   ) -> APIError:
-    """The upstream's error answer (or anything else it sent) as our OpenAI-shaped error."""
+                   key_hint: str = "ML_OFFLOAD_LLAMACPP_API_KEY (or llamacpp_api_key_file)",
+                   says: str = "llama-server") -> APIError:
+    """The upstream's error answer (or anything else it sent) as our OpenAI-shaped error;
+    ``says`` names who said it, in front of its own message."""
     message, utype = "", None
     try:
         data = orjson.loads(content)
@@ -69,16 +70,20 @@ def upstream_error(status: int, content: bytes, label: str, keyed: bool = False,
     if status == 503:
         code = "model_loading" if "loading" in message.lower() else "backend_unavailable"
         headers["Retry-After"] = "2"
-    return APIError(status, f"llama-server: {message}", code=code, headers=headers)
+    return APIError(status, f"{says}: {message}", code=code, headers=headers)
 
 
 class UpstreamClient:
-    """One upstream base URL. ``label`` names it in errors ("llama-server at URL")."""
+    """One upstream base URL. ``label`` names it in errors ("llama-server at URL"); the URL
+    must carry no credentials (the key goes in ``api_key``), so no message can leak them.
+    ``says`` is put in front of the upstream's own error messages (default: llama-server)."""
 
     def __init__(self, url: str, api_key: str, *, label: str, request_timeout: float,
-                 pool_timeout: float, hint: str = "", key_hint: str | None = None) -> None:
+                 pool_timeout: float, hint: str = "", key_hint: str | None = None,
+                 says: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.label = label
+        self.says = says
         self.keyed = bool(api_key)
         self.hint = hint  # appended when it cannot be reached ("; start it, or ...")
         self.key_hint = key_hint
@@ -145,6 +150,8 @@ class UpstreamClient:
     def error(self, status: int, content: bytes) -> APIError:
         """The upstream's error as ours; a refused key is remembered (for /health)."""
         kw = {"key_hint": self.key_hint} if self.key_hint else {}
+        if self.says:
+            kw["says"] = self.says
         error = upstream_error(status, content, self.label, self.keyed, **kw)
         if error.code == "upstream_auth_failed":
             if self.auth_error is None:

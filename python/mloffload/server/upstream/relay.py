@@ -79,6 +79,20 @@ class Reshape(Protocol):
         ...
 
 
+# Transport failures before the answer's headers: the request reached no one, or the
+# connection broke before a byte of the answer came back, so another replica can take it.
+NOT_SENT_CODES = frozenset({"backend_unavailable", "upstream_error"})
+
+
+class NotSent(Exception):
+    """``forward(..., retry=True)``: the connection failed before any byte of the answer; the
+    turn is ended and nothing was counted, so the caller may send it elsewhere."""
+
+    def __init__(self, error: APIError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 class Turn(Protocol):
     """A request's place at the upstream (a slot lease, or an admission count)."""
 
@@ -218,15 +232,21 @@ class Forwarder:
 
     async def forward(self, path: str, body: bytes, requested: str, stream: bool,
                       request: Request, turn: Turn, route: str, *,
-                      reshape: Reshape | None = None, end: StreamEnd = OPENAI_END) -> Response:
+                      reshape: Reshape | None = None, end: StreamEnd = OPENAI_END,
+                      retry: bool = False) -> Response:
         """Send ``body`` and answer with the upstream's answer. ``turn`` is held by the
         caller and ended here, whatever happens. ``reshape`` replaces the model-name rewrite
-        (a translation to another API); ``end`` is the output's end-of-stream marker."""
+        (a translation to another API); ``end`` is the output's end-of-stream marker.
+        ``retry``: raise NotSent, uncounted, when the connection fails before the answer
+        begins (another replica may take it)."""
         t0 = time.monotonic()
         try:
             resp = await unless_disconnected(request,
                                              self.client.send("POST", path, body, last=stream))
         except APIError as exc:
+            if retry and exc.code in NOT_SENT_CODES:
+                turn.end(Outcome.FAILED)
+                raise NotSent(exc) from None
             if exc.code in ("upstream_error", "backend_unavailable", "upstream_timeout"):
                 exc = await self._broken(exc)  # e.g. the engine died under the request
             self.stats.record(Outcome.REJECTED if exc.status in (429, 503) else Outcome.FAILED)
