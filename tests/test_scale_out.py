@@ -22,6 +22,7 @@ import httpx
 import openai
 import pytest
 
+from fim_model import FIM_ID
 from helpers import ServerProcess, assert_openai_error, free_port, sse_events
 from llama_server import LlamaServer
 
@@ -44,12 +45,15 @@ def llama(model: Path, log_dir: Path, *args: str) -> LlamaServer:
 
 
 @pytest.fixture(scope="module")
-def servers(model_path: Path, tmp_path_factory: pytest.TempPathFactory
+def servers(model_path: Path, fim_models: Path, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[dict[str, LlamaServer]]:
+    """``twin`` is the FIM test model (the embedded Gemma with FIM tokens in its header:
+    the same answers to chats, nonsense for FIM), so /infill can be routed to it too."""
     logs = tmp_path_factory.mktemp("scale-out-llama")
+    fim = fim_models / f"{FIM_ID}.gguf"
     started = {"alpha": llama(model_path, logs, "--alias", "alpha", "--api-key", KEY),
-               "twin_a": llama(model_path, logs, "--alias", "twin,twin-2"),
-               "twin_b": llama(model_path, logs, "--alias", "twin,twin-2")}
+               "twin_a": llama(fim, logs, "--alias", "twin,twin-2"),
+               "twin_b": llama(fim, logs, "--alias", "twin,twin-2")}
     try:
         for server in started.values():
             server.start()
@@ -144,6 +148,30 @@ def test_upstream_models_are_listed_and_routed_next_to_the_local_default(
 
 
 # --- one upstream down: only its models fail, and it comes back ------------------------------
+
+
+def test_infill_and_tokenize_are_routed_to_the_upstream_serving_the_model(
+        api: httpx.Client, servers: dict[str, LlamaServer]) -> None:
+    body = {"input_prefix": "def add(a, b):\n    return ",
+            "input_suffix": "\n\nprint(add(1, 2))\n",
+            "input_extra": [{"filename": "util.py",
+                             "text": "def sub(a, b):\n    return a - b\n"}],
+            "n_predict": 8, "temperature": 0, "seed": 42, "cache_prompt": False}
+    direct = httpx.post(servers["twin_a"].url + "/infill", json=body, timeout=120).json()
+    routed = api.post("/infill", json={**body, "model": "twin"})
+    assert routed.status_code == 200, routed.text
+    assert routed.json()["content"] == direct["content"]
+    assert routed.json()["tokens_evaluated"] == direct["tokens_evaluated"]
+    with api.stream("POST", "/infill", json={**body, "model": "twin", "stream": True}) as r:
+        events = list(sse_events(r))
+    assert events[-1]["stop"] is True
+    assert "".join(e["content"] for e in events) == direct["content"]
+    # alpha's model has no FIM tokens: llama-server's refusal, in our shape.
+    assert_openai_error(api.post("/infill", json={**body, "model": "coder"}), 400,
+                        "fim_unsupported", "invalid_request_error")
+    text = {"content": "hello <unused0> world", "parse_special": True}
+    assert api.post("/tokenize", json={**text, "model": "twin"}).json() == \
+        httpx.post(servers["twin_a"].url + "/tokenize", json=text, timeout=30).json()
 
 
 def test_a_dead_upstream_costs_only_its_models_and_comes_back(
