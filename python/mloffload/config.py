@@ -2,6 +2,9 @@
 
 Precedence is CLI > environment (``ML_OFFLOAD_*``) > TOML file > defaults. Every option is
 listed once in ``OPTIONS``; ``--help``, the README table and the NixOS module test all read it.
+
+It is long because that table is the one place every setting is declared (default, type,
+flag, variable, help); splitting it would spread one list over several files.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
 """HTTP client for the Neovim plugin: the server's API over httpx, chat streamed as SSE.
+(Long because it is the plugin's whole view of the server's API: one method an endpoint.)
 
 Only ``httpx`` and the standard library are needed, so the plugin works in a Python host
 that has nothing else installed. The chat stream has the engine's shape (text pieces,

@@ -7,6 +7,10 @@ event loop; state changes happen between awaits, so no locks are needed.
 
 A runner that dies (an engine process killed by a signal, say) is dropped at once: the
 requests on it fail on their own, and the next request for the model loads it again.
+
+Longer than most modules here: load, queue, keep-alive and swap change the same state
+(``loaded``, ``_loading``, the queues) between awaits, and that only stays race-free to read
+when it is in one place. The slots and the queue themselves are in ``slots.py``.
 """
 
 from __future__ import annotations

@@ -23,11 +23,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ...config import Settings
-from ...models.catalog import default_model_problem
 from ..backend import (
     ClientGone,
-    Health,
-    HealthState,
     access,
     unless_disconnected,
 )
@@ -40,6 +37,7 @@ from ..fim import (
     fim_request_model,
     infill_body,
 )
+from ..lifecycle import ManagerBackend
 from ..manager import Lease, ModelManager, OnWait, Ticket, parse_keep_alive
 from ..queued import QueuedStream
 from ..responses import json_response
@@ -103,25 +101,17 @@ def engine_of(lease: Lease) -> EngineProcess:
     return runner
 
 
-class ManagedBackend:
+class ManagedBackend(ManagerBackend):
     name = "managed"
+    LOADING = "loading model {} in its engine process"
+    READY = "engine processes ready; loaded: {}"
+    IDLE = "engine processes (llama-server) start on demand"
 
     def __init__(self, settings: Settings, manager: ModelManager, stats: Stats) -> None:
-        self.settings = settings
-        self.manager = manager
-        self.stats = stats
+        super().__init__(settings, manager, stats)
         runtime = manager.runtime
         assert isinstance(runtime, EngineRuntime)
         self.runtime: EngineRuntime = runtime
-        self._preload: asyncio.Task[Any] | None = None
-
-    async def startup(self) -> None:
-        self._preload = asyncio.get_running_loop().create_task(self.manager.preload())
-
-    async def shutdown(self) -> None:
-        if self._preload is not None:
-            self._preload.cancel()
-        await self.manager.close()
 
     # --- requests -------------------------------------------------------------------------
 
@@ -303,66 +293,11 @@ class ManagedBackend:
 
     # --- models and facts -------------------------------------------------------------------
 
-    async def models(self) -> dict[str, Any]:
-        loaded = set(self.manager.loaded)
-        registry = self.manager.registry
-        entries = [registry.verify(e.id) or e for e in registry.list()]
-        return {"object": "list", "data": [e.card(loaded=e.id in loaded) for e in entries]}
+    def _info_extra(self) -> dict[str, Any]:
+        return {"mode": {"name": "managed", "why": f"llama-server from {self.runtime.found_in}"}}
 
-    async def load(self, name: str, keep_alive: float | None = None) -> dict[str, Any]:
-        loaded = await self.manager.load(name, explicit=True, keep_alive=keep_alive)
-        return {"loaded": True, **loaded.status()}
-
-    async def unload(self, name: str) -> dict[str, Any]:
-        entry = self.manager.resolve(name)
-        if entry.id not in self.manager.loaded:
-            return {"unloaded": False, "id": entry.id, "reason": "not loaded"}
-        if not await self.manager.unload(entry.id, reason="requested"):
-            raise APIError(409, f"Model {entry.id!r} is busy; try again when its requests "
-                           "finish.", code="model_busy", type="conflict_error")
-        return {"unloaded": True, "id": entry.id}
-
-    async def health(self) -> Health:
-        problem = default_model_problem(self.manager.registry)
-        if problem:
-            return Health(HealthState.UNAVAILABLE, problem,
-                          {"available": False, "ready": False, "details": problem})
-        loading = self.manager.loading()
-        if loading:
-            details = f"loading model {', '.join(loading)} in its engine process"
-            return Health(HealthState.LOADING, details,
-                          {"available": True, "ready": False, "details": details})
-        loaded = list(self.manager.loaded)
-        if loaded:
-            details = f"engine processes ready; loaded: {', '.join(loaded)}"
-        else:
-            details = "engine processes (llama-server) start on demand"
-            if self.manager.last_load_error:
-                details += f" (last load failed: {self.manager.last_load_error})"
-        return Health(HealthState.READY, "", {"available": True, "ready": True,
-                                               "details": details})
-
-    async def info(self) -> dict[str, Any]:
-        default_id = self.manager.registry.default_id()
-        default = self.manager.registry.get(default_id) if default_id else None
-        plan = None
-        if default is not None and default.usable:
-            plan = self.manager.plan(default).to_dict()
-        s = self.settings
-        return {
-            "backend": self.name,
-            "mode": {"name": "managed", "why": f"llama-server from {self.runtime.found_in}"},
-            "engine": self.manager.facts,
-            "default_model": default.summary() if default else None,
-            "default_plan": plan,
-            "loaded_models": self.manager.status(),
-            "settings": {
-                "n_ctx": s.n_ctx, "parallel": s.parallel,
-                "n_gpu_layers": "auto" if s.n_gpu_layers is None else s.n_gpu_layers,
-                "threads": s.effective_threads, "max_loaded": s.max_loaded,
-                "keep_alive_seconds": s.keep_alive,
-            },
-        }
+    def _settings_extra(self) -> dict[str, Any]:
+        return {"parallel": self.settings.parallel}
 
     def status(self) -> dict[str, Any]:
         return {"loaded_models": self.manager.status(), "loading": self.manager.loading(),

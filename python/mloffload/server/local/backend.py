@@ -1,4 +1,10 @@
-"""The in-process backend: requests run on llama.cpp through the model manager."""
+"""The in-process backend: requests run on llama.cpp through the model manager.
+
+Each kind of request (chat and completions, fill in the middle, tokens, embeddings) is a
+short method here over one ``Job``: the worker-thread handoff, the cancel and time rules,
+and the counting they share. The lifecycle and facts are ``server/lifecycle.py``'s, shared
+with managed mode.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,6 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from ...config import Settings
 from ...engine.base import (
     FINISH_CANCELLED,
     Cancelled,
@@ -27,12 +32,9 @@ from ...engine.base import (
 )
 from ...engine.fim import InfillResult
 from ...logs import log_unexpected
-from ...models.catalog import default_model_problem
 from ...models.registry import file_changed
 from ..backend import (
     ClientGone,
-    Health,
-    HealthState,
     access,
     unless_disconnected,
 )
@@ -44,7 +46,8 @@ from ..fim import (
     fim_entry,
     fim_request_model,
 )
-from ..manager import Lease, ModelManager, parse_keep_alive
+from ..lifecycle import ManagerBackend
+from ..manager import Lease, parse_keep_alive
 from ..responses import SSE_HEADERS, json_response
 from ..schemas import (
     ChatCompletionRequest,
@@ -56,7 +59,7 @@ from ..schemas import (
     embedding_list,
 )
 from ..sse import DONE, ChunkTemplate, event
-from ..stats import Outcome, Stats
+from ..stats import Outcome
 from .pipe import TokenPipe, pump
 from .runtime import LocalRunner
 
@@ -152,22 +155,10 @@ class Job:
         return Outcome.COMPLETED
 
 
-class LocalBackend:
+class LocalBackend(ManagerBackend):
     name = "llamacpp"
-
-    def __init__(self, settings: Settings, manager: ModelManager, stats: Stats) -> None:
-        self.settings = settings
-        self.manager = manager
-        self.stats = stats
-        self._preload: asyncio.Task[Any] | None = None
-
-    async def startup(self) -> None:
-        self._preload = asyncio.get_running_loop().create_task(self.manager.preload())
-
-    async def shutdown(self) -> None:
-        if self._preload is not None:
-            self._preload.cancel()
-        await self.manager.close()
+    READY = "llama.cpp in-process is ready; loaded: {}"
+    IDLE = "llama.cpp in-process is ready; models load on demand"
 
     # --- admission --------------------------------------------------------------------
 
@@ -491,69 +482,9 @@ class LocalBackend:
 
     # --- facts ---------------------------------------------------------------------------
 
-    async def models(self) -> dict[str, Any]:
-        loaded = set(self.manager.loaded)
-        registry = self.manager.registry
-        entries = [registry.verify(e.id) or e for e in registry.list()]
-        return {"object": "list", "data": [e.card(loaded=e.id in loaded) for e in entries]}
-
-    async def health(self) -> Health:
+    def _engine_problem(self) -> str:
         facts = self.manager.facts
-        reason = "" if facts.get("available") else str(facts.get("reason"))
-        reason = reason or default_model_problem(self.manager.registry)
-        if reason:
-            return Health(HealthState.UNAVAILABLE, reason,
-                          {"available": False, "ready": False, "details": reason})
-        loading = self.manager.loading()
-        if loading:
-            details = f"loading model {', '.join(loading)}"
-            return Health(HealthState.LOADING, details,
-                          {"available": True, "ready": False, "details": details})
-        loaded = list(self.manager.loaded)
-        if loaded:
-            details = f"llama.cpp in-process is ready; loaded: {', '.join(loaded)}"
-        else:
-            details = "llama.cpp in-process is ready; models load on demand"
-            if self.manager.last_load_error:
-                details += f" (last load failed: {self.manager.last_load_error})"
-        return Health(HealthState.READY, "", {"available": True, "ready": True,
-                                               "details": details})
-
-    async def load(self, name: str, keep_alive: float | None = None) -> dict[str, Any]:
-        loaded = await self.manager.load(name, keep_alive=keep_alive)
-        return {"loaded": True, **loaded.status()}
-
-    async def unload(self, name: str) -> dict[str, Any]:
-        entry = self.manager.resolve(name)
-        if entry.id not in self.manager.loaded:
-            return {"unloaded": False, "id": entry.id, "reason": "not loaded"}
-        if not await self.manager.unload(entry.id, reason="requested"):
-            raise APIError(409, f"Model {entry.id!r} is busy; try again when its requests "
-                           "finish.", code="model_busy", type="conflict_error")
-        return {"unloaded": True, "id": entry.id}
-
-    async def info(self) -> dict[str, Any]:
-        default_id = self.manager.registry.default_id()
-        default = self.manager.registry.get(default_id) if default_id else None
-        loaded = [m.status() for m in self.manager.loaded.values()]
-        plan = None
-        if default is not None and default.usable:
-            plan = self.manager.plan(default).to_dict()
-        return {
-            "backend": self.name,
-            "engine": self.manager.facts,
-            "default_model": default.summary() if default else None,
-            "default_plan": plan,
-            "loaded_models": loaded,
-            "settings": {
-                "n_ctx": self.settings.n_ctx,
-                "n_gpu_layers": "auto" if self.settings.n_gpu_layers is None
-                else self.settings.n_gpu_layers,
-                "threads": self.settings.effective_threads,
-                "max_loaded": self.settings.max_loaded,
-                "keep_alive_seconds": self.settings.keep_alive,
-            },
-        }
+        return "" if facts.get("available") else str(facts.get("reason"))
 
     def status(self) -> dict[str, Any]:
         return {"loaded_models": self.manager.status(), "loading": self.manager.loading()}
