@@ -323,6 +323,7 @@ def start_ours(s: Settings, log_dir: Path, data_dir: Path) -> HTTPSystem:
     env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("ML_OFFLOAD_")}
     port = free_port()
     env.update({
+        "ML_OFFLOAD_BACKEND": "llamacpp",  # in-process, as before managed mode (engines.py)
         "ML_OFFLOAD_DATA_DIR": str(data_dir),
         "ML_OFFLOAD_DEFAULT_MODEL": str(s.model),
         "ML_OFFLOAD_N_CTX": str(s.n_ctx),
@@ -338,7 +339,7 @@ def start_ours(s: Settings, log_dir: Path, data_dir: Path) -> HTTPSystem:
     sysm.version = package_version("ml-offload")
     sysm.description = (
         "python -m mloffload.server (FastAPI/uvicorn, llama.cpp in-process); env "
-        f"ML_OFFLOAD_N_CTX={s.n_ctx} ML_OFFLOAD_THREADS={s.threads} "
+        f"ML_OFFLOAD_BACKEND=llamacpp ML_OFFLOAD_N_CTX={s.n_ctx} ML_OFFLOAD_THREADS={s.threads} "
         f"ML_OFFLOAD_N_GPU_LAYERS={s.n_gpu_layers} ML_OFFLOAD_DEFAULT_MODEL=<model>")
     return sysm
 
