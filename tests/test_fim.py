@@ -441,8 +441,9 @@ def test_a_client_that_leaves_stops_the_generation(mode: str, stream: bool,
     else:
         raw = orjson.dumps(body)
         sock = socket.create_connection(("127.0.0.1", proc.port), timeout=30)
-        sock.sendall(b"POST /infill HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                     b"\r\nContent-Length: %d\r\n\r\n%s" % (len(raw), raw))
+        sock.sendall(b"POST /infill HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(raw), raw))
         time.sleep(2.0)  # it is generating
         sock.close()
     deadline = time.monotonic() + 60
