@@ -145,9 +145,12 @@ def test_upstream_models_are_listed_and_routed_next_to_the_local_default(
     # The upstream's own errors keep their status, in our shape (no --embeddings there).
     assert_openai_error(api.post("/v1/embeddings", json={"model": "twin", "input": "x"}), 501)
     assert_openai_error(api.post("/api/models/alpha/load"), 400, "unsupported_backend")
-
-
-# --- one upstream down: only its models fail, and it comes back ------------------------------
+    # Ollama's listing has them too, and routes its chat by the same names.
+    tags = {m["name"] for m in api.get("/api/tags").json()["models"]}
+    assert {"alpha", "coder", "twin", "twin-2", "default"} <= tags
+    said = api.post("/api/chat", json={"model": "coder", "messages": HELLO, "stream": False,
+                                       "options": {"num_predict": 2}})
+    assert said.status_code == 200 and said.json()["model"] == "coder", said.text
 
 
 def test_infill_and_tokenize_are_routed_to_the_upstream_serving_the_model(
@@ -172,6 +175,9 @@ def test_infill_and_tokenize_are_routed_to_the_upstream_serving_the_model(
     text = {"content": "hello <unused0> world", "parse_special": True}
     assert api.post("/tokenize", json={**text, "model": "twin"}).json() == \
         httpx.post(servers["twin_a"].url + "/tokenize", json=text, timeout=30).json()
+
+
+# --- one upstream down: only its models fail, and it comes back ------------------------------
 
 
 def test_a_dead_upstream_costs_only_its_models_and_comes_back(
