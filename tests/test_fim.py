@@ -306,6 +306,23 @@ def test_bad_infill_requests_get_clear_errors(fim_url: str) -> None:
     assert form.status_code == 200 and "content" in form.json()
 
 
+def test_token_ids_past_the_vocabulary_are_refused(fim_url: str) -> None:
+    """In-process, llama.cpp would read out of bounds with them (the fuzz test found the
+    server dead); llama-server answers a 500. Both are a 400 naming the field."""
+    huge, past = 2**40, 262144  # the vocabulary has 262,144 tokens
+    for path, body, param in [
+            ("/tokenize", {"content": ["x", past], "with_pieces": True}, "content"),
+            ("/detokenize", {"tokens": [1, past]}, "tokens"),
+            ("/detokenize", {"tokens": [huge]}, "tokens[0]"),
+            ("/infill", {"input_prefix": ["def f(", past], "input_suffix": "",
+                         "n_predict": 1}, "input_prefix")]:
+        r = post(fim_url, path, {"model": FIM_ID, **body})
+        err = assert_openai_error(r, 400, param=param)
+        assert "vocabulary" in err["message"] or "less than" in err["message"], (path, err)
+    ok = post(fim_url, "/detokenize", {"model": FIM_ID, "tokens": [past - 1]})
+    assert ok.status_code == 200 and isinstance(ok.json()["content"], str)
+
+
 def test_the_llama_server_backend_relays_infill_and_serves_suffix(proxy: ServerProcess,
                                                                   llama: LlamaServer) -> None:
     req = REQUESTS["extra"]

@@ -33,6 +33,15 @@ class FimUnsupported(EngineError):
     """The model has no fill-in-the-middle tokens."""
 
 
+class InvalidTokens(EngineError):
+    """A token id the request gave is not in the model's vocabulary (llama.cpp would read
+    out of bounds with it)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class ContextLengthError(EngineError):
     """The prompt (plus what was asked of the answer) does not fit the context."""
 

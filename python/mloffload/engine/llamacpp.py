@@ -41,6 +41,7 @@ from .base import (
     EngineError,
     FimUnsupported,
     GenerationResult,
+    InvalidTokens,
     SamplingParams,
     embedding_batch,
 )
@@ -147,10 +148,19 @@ class LlamaCppEngine:
                                                special=parse_special)
         return tokens
 
+    def check_ids(self, tokens: Sequence[int], param: str = "tokens") -> None:
+        """InvalidTokens unless every id is in the vocabulary."""
+        n = int(self._lib.llama_vocab_n_tokens(self._vocab))
+        bad = next((t for t in tokens if not 0 <= t < n), None)
+        if bad is not None:
+            raise InvalidTokens(f"Token id {bad} is not in this model's vocabulary "
+                                f"(0 to {n - 1}).", param)
+
     def detokenize(self, tokens: Sequence[int], special: bool = True) -> str:
         """``common_detokenize``: the text of ``tokens``, special ones written out."""
         if not tokens:
             return ""
+        self.check_ids(tokens)
         arr = (self._lib.llama_token * len(tokens))(*tokens)
         size = max(256, 8 * len(tokens))
         for _ in range(2):
@@ -164,6 +174,7 @@ class LlamaCppEngine:
 
     def piece(self, token: int) -> bytes:
         """One token's text as llama-server's /tokenize pieces show it."""
+        self.check_ids((token,), "content")
         n = self._lib.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, True)
         return self._piece_buf.raw[:max(0, n)]
 
@@ -242,6 +253,7 @@ class LlamaCppEngine:
         """Generate after a prompt given as token ids. ``samplers`` runs llama-server's
         sampler chain in that order (its ``samplers`` field) instead of llama-cpp-python's;
         ``cache_prompt`` False evaluates the whole prompt afresh."""
+        self.check_ids(tokens, param)
         if not cache_prompt:
             self._llm.reset()
         return self._generate(list(tokens), params, (), result, cancel, param, samplers)
@@ -258,6 +270,10 @@ class LlamaCppEngine:
         if not fim.usable:
             raise FimUnsupported(f"Infill is not supported by this model: "
                                  f"{', '.join(fim.missing)} missing")
+        for param in ("input_prefix", "input_suffix"):
+            given = getattr(inp, param)
+            if not isinstance(given, str):
+                self.check_ids([t for t in given if isinstance(t, int)], param)
         tokens = infill_prompt(self.tokenize_special, fim, self._bos_added(), inp, self.n_ctx)
         result.prompt = self.detokenize(tokens)
         result.token_ids = []

@@ -54,6 +54,20 @@ def fim_entry(name: str, resolve: Callable[[str], ModelEntry]) -> ModelEntry:
     return entry
 
 
+def check_token_ids(entry: ModelEntry, **fields: Any) -> None:
+    """400 ``invalid_value`` for a token id past the model's vocabulary (its header's size),
+    in any of ``fields`` (a text, or a list of texts and ids): llama-server answers those
+    with a 500, llama.cpp in-process would read out of bounds."""
+    size = entry.info.vocab_size if entry.info is not None else 0
+    if not size:
+        return
+    for param, value in fields.items():
+        for item in value if isinstance(value, list) else ():
+            if isinstance(item, int) and item >= size:
+                raise APIError(400, f"Token id {item} is not in this model's vocabulary "
+                               f"(0 to {size - 1}).", code="invalid_value", param=param)
+
+
 def as_fim_error(exc: APIError, model_id: str) -> APIError:
     """llama-server's own refusal (501 "Infill is not supported by this model") as ours."""
     if exc.status == 501 and "not supported" in exc.message.lower():

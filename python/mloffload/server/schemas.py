@@ -177,7 +177,9 @@ class EmbeddingRequest(_Lenient):
 
 # --- llama-server's own endpoints: /infill, /tokenize, /detokenize -------------------
 
-MixedPrompt = Text | list[Text | int]
+# Token ids as JSON gives them; ids past the vocabulary are the engine's to refuse.
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+MixedPrompt = Text | list[Text | TokenId]
 
 
 class ExtraChunk(_Lenient):
@@ -253,7 +255,7 @@ class TokenizeRequest(_Lenient):
 
 class DetokenizeRequest(_Lenient):
     model: ModelName = "default"
-    tokens: list[int] = Field(default_factory=list)
+    tokens: list[TokenId] = Field(default_factory=list)
 
 
 # --- responses (documentation in /openapi.json; handlers build plain dicts) ---------

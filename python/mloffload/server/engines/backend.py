@@ -32,6 +32,7 @@ from ..errors import APIError
 from ..fim import (
     InfillAsCompletion,
     as_fim_error,
+    check_token_ids,
     completion_as_infill,
     fim_entry,
     fim_request_model,
@@ -268,15 +269,18 @@ class ManagedBackend(ManagerBackend):
 
     async def infill(self, req: InfillRequest, request: Request) -> Response:
         entry = fim_entry(fim_request_model(req.model, self.settings), self.manager.resolve)
+        check_token_ids(entry, input_prefix=req.input_prefix, input_suffix=req.input_suffix)
         return await self._relay(Outgoing(
             "/infill", "/infill", entry.id, req.model or entry.id, req.stream, req.keep_alive,
             lambda mid: infill_body(req, mid, self.settings), end=LLAMA_END, fim=True),
             request)
 
     async def tokenize(self, req: TokenizeRequest, request: Request) -> Response:
+        check_token_ids(self.manager.resolve(req.model), content=req.content)
         return await self._plain("/tokenize", req.model, req.model_dump(), request)
 
     async def detokenize(self, req: DetokenizeRequest, request: Request) -> Response:
+        check_token_ids(self.manager.resolve(req.model), tokens=req.tokens)
         return await self._plain("/detokenize", req.model, req.model_dump(), request)
 
     async def _plain(self, path: str, model: str, data: dict[str, Any], request: Request

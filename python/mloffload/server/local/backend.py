@@ -29,6 +29,7 @@ from ...engine.base import (
     EngineError,
     FimUnsupported,
     GenerationResult,
+    InvalidTokens,
 )
 from ...engine.fim import InfillResult
 from ...logs import log_unexpected
@@ -70,6 +71,8 @@ def engine_api_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), code="context_length_exceeded", param=exc.param)
+    if isinstance(exc, InvalidTokens):
+        return APIError(400, str(exc), code="invalid_value", param=exc.param)
     if isinstance(exc, FimUnsupported):
         return APIError(400, str(exc), code=FIM_UNSUPPORTED, param="model")
     if isinstance(exc, EngineError):
@@ -439,7 +442,8 @@ class LocalBackend(ManagerBackend):
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(runner.executor, work, runner.engine)
         except EngineError as exc:
-            raise APIError(400, str(exc), code="invalid_value") from None
+            raise APIError(400, str(exc), code="invalid_value",
+                           param=getattr(exc, "param", None)) from None
         finally:
             lease.release()
 
