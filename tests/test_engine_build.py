@@ -3,6 +3,7 @@ a smoke test whose failure is one clear line, and recovery from a bad wheel."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -108,6 +109,16 @@ def test_a_sigill_in_the_smoke_test_is_one_clear_line(tmp_path: Path, data_dir: 
     assert server.stderr.strip().splitlines()[-1] == "ml-offload: " + line.removeprefix(
         "FAILED: ")
     assert "Traceback" not in server.stderr
+    # :checkhealth's fallback section (the plugin host's readiness) says the same, with the
+    # fix, instead of the host dying the first time the fallback loads a model.
+    probe = ("import json; from mloffload.nvim.fallback import Fallback; "
+             "print(json.dumps(Fallback().readiness()))")
+    ready = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                           text=True, timeout=300, cwd=REPO)
+    assert ready.returncode == 0, ready.stderr
+    facts = json.loads(ready.stdout.strip().splitlines()[-1])
+    assert facts["ok"] is False and facts["engine"] == line.removeprefix("FAILED: ")
+    assert "./dev rebuild" in facts["fix"]
 
 
 def test_a_planted_bad_wheel_is_replaced_by_the_keyed_build(tmp_path: Path) -> None:

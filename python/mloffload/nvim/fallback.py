@@ -390,6 +390,16 @@ class Fallback:
             out["model"] = str(exc)
             out["fix"] = "set fallback_model to a registry id or a .gguf path"
             return out
+        # The doctor's smoke test (one token, one embedding, in a child process; cached per
+        # build): a build that dies on this CPU is named here, not by a crashed host.
+        from ..engine import doctor
+
+        smoke = doctor.check_inprocess(Path(entry.path))
+        if not smoke.ok:
+            out["engine"] = smoke.line.removeprefix("FAILED: ")
+            out["fix"] = doctor.rebuild_command()
+            return out
+        out["engine"] += " (smoke test passed: one token, one embedding)"
         out["ok"] = True
         out["model"] = f"{entry.id} ({entry.path})"
         out["plan"] = f"{plan.n_gpu_layers}/{plan.max_layers} layers on GPU: {plan.reason}"
