@@ -421,6 +421,32 @@ def test_suffix_on_completions_is_the_infill_of_prefix_and_suffix(fim_url: str) 
     assert out.choices[0].text == infill["content"]
 
 
+def test_ollama_generate_with_a_suffix_fills_in_the_middle(fim_url: str) -> None:
+    """Ollama's /api/generate ``suffix`` through the official client: the same tokens as
+    /infill, and ``insert`` among the FIM model's capabilities only."""
+    import ollama
+
+    infill = post(fim_url, "/infill", {"model": FIM_ID, "input_prefix": "def add(a, b):\n",
+                                       "input_suffix": "\n", "n_predict": 6,
+                                       "temperature": 0, "seed": 42}).json()
+    client = ollama.Client(host=fim_url)
+    out = client.generate(model=FIM_ID, prompt="def add(a, b):\n", suffix="\n",
+                          options={"num_predict": 6, "temperature": 0, "seed": 42})
+    assert out.response == infill["content"] and out.done is True
+    assert out.prompt_eval_count == infill["tokens_evaluated"]
+    streamed = client.generate(model=FIM_ID, prompt="def add(a, b):\n", suffix="\n",
+                               stream=True,
+                               options={"num_predict": 6, "temperature": 0, "seed": 42})
+    assert "".join(part.response for part in streamed) == infill["content"]
+    assert "insert" in (client.show(FIM_ID).capabilities or [])
+    plain = [m.model for m in client.list().models
+             if m.model and not m.model.startswith("gemma-fim") and m.model != "default"]
+    assert plain and "insert" not in (client.show(plain[0]).capabilities or [])
+    with pytest.raises(ollama.ResponseError) as refused:
+        client.generate(model=plain[0], prompt="def f(", suffix="  return")
+    assert refused.value.status_code == 400 and "fill in the middle" in str(refused.value)
+
+
 def test_suffix_is_in_the_openapi_document(fim_url: str) -> None:
     doc = httpx.get(fim_url + "/openapi.json").json()
     props = doc["components"]["schemas"]["CompletionRequest"]["properties"]

@@ -87,7 +87,7 @@ def test_show_reads_the_gguf(api: Served, gguf: GGUFInfo) -> None:
     assert info[f"{arch}.embedding_length"] == gguf.embedding_length
     assert info[f"{arch}.block_count"] == gguf.block_count
     assert info["general.parameter_count"] == gguf.parameter_count
-    assert set(shown.capabilities or []) == {"completion", "embedding"}  # "insert": FIM work
+    assert set(shown.capabilities or []) == {"completion", "embedding"}  # no FIM tokens
     assert isinstance(shown.template, str) and isinstance(shown.parameters, str)
     assert shown.details is not None and shown.details.family == arch
     # Older clients send "name"; Ollama's ":latest" tag is the plain name.
