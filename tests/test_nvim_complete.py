@@ -76,7 +76,7 @@ def test_ghost_text_appears_after_typing_and_tab_inserts_it(
     ed = editor(**setup(fim_server.url, transport=transport))
     open_file(ed, tmp_path / "notes.txt", ["", "", ""])
     ed.keys("iHello")
-    shown = wait_ghost(ed)
+    shown = settled(ed)
     assert shown["row"] == 0 and shown["col"] == len("Hello")
     marks = ghost_marks(ed)
     assert marks, "no extmark drawn"
@@ -119,9 +119,10 @@ def test_tab_without_a_suggestion_does_what_tab_does(editor: Factory,
     assert stats(ed)["requests"] == 0
 
 
-def settled(ed: Editor) -> dict[str, Any]:
-    """The suggestion once its answer is complete."""
-    wait_ghost(ed)
+def settled(ed: Editor, timeout: float = 120.0) -> dict[str, Any]:
+    """The suggestion once its answer is complete (it streams in: <Tab> takes what has
+    come so far)."""
+    wait_ghost(ed, timeout)
     ed.wait(lambda: not stats(ed)["in_flight"] or None, 60, what="the answer complete")
     shown = current(ed)
     assert shown is not None
@@ -273,7 +274,7 @@ def test_fallback_completes_with_the_server_down(editor: Factory, fim_models: Pa
     ed = editor(env=env, fallback_model=str(fim), **setup(dead))
     open_file(ed, tmp_path / "offline.txt", ["", "", ""])
     ed.keys("iHello")
-    shown = wait_ghost(ed, timeout=180)  # the first one loads the model in the host
+    shown = settled(ed, timeout=180)  # the first one loads the model in the host
     assert shown["text"]
     assert stats(ed)["fallback"] >= 1
     line = ed.lua("return require('ml-offload').statusline()")
