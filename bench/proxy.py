@@ -150,10 +150,12 @@ def run(args: argparse.Namespace) -> int:
     streamers = {p: httpx.Client(base_url=urls[p], timeout=600, headers={"Connection": "close"})
                  for p in PATHS}
     named = {"model": UPSTREAM_ALIAS} if args.via == "upstreams" else {}
-    short = {**named, "prompt": SHORT_PROMPT, "max_tokens": 1, "temperature": 0,
-             "seed": args.seed}
+    # Greedy, so no seed is needed; a seeded request would go out with cache_prompt false
+    # (our seed rule) and re-evaluate its prompt, which direct requests do not.
+    seeded = {} if args.seed is None else {"seed": args.seed, "cache_prompt": False}
+    short = {**named, "prompt": SHORT_PROMPT, "max_tokens": 1, "temperature": 0, **seeded}
     stream = {**named, "prompt": STREAM_PROMPT, "max_tokens": args.max_tokens, "temperature": 0,
-              "seed": args.seed, "ignore_eos": True, "stream": True,
+              **seeded, "ignore_eos": True, "stream": True,
               "stream_options": {"include_usage": True}}
     try:
         for p in PATHS:  # warm up: connections, prompt cache, our model catalog
@@ -317,7 +319,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--n-ctx", type=int, default=2048)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--n-gpu-layers", type=int, default=0)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=None,
+                   help="send this seed, with cache_prompt false on both paths (our seed rule)")
     p.add_argument("--model", help="a .gguf file (default: the embedded Gemma 3 270M)")
     p.add_argument("--data-dir", help="where the embedded model is assembled "
                    "(default: the server's data dir)")

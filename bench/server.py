@@ -104,7 +104,7 @@ class Settings:
     threads: int
     n_gpu_layers: int
     max_tokens: int
-    seed: int
+    seed: int | None
     completion_prompt: str
     chat_prompt: str
 
@@ -113,8 +113,9 @@ class Settings:
         return min(512, self.n_ctx)
 
     def sampling(self) -> dict[str, Any]:
+        seed = {} if self.seed is None else {"seed": self.seed}
         return {"max_tokens": self.max_tokens, "temperature": 0.0, "top_p": 0.95, "top_k": 40,
-                "min_p": 0.05, "repeat_penalty": 1.0, "seed": self.seed}
+                "min_p": 0.05, "repeat_penalty": 1.0, **seed}
 
     def messages(self) -> list[dict[str, str]]:
         return [{"role": "user", "content": self.chat_prompt}]
@@ -245,7 +246,8 @@ class RawGenerateSystem(System):
         sample = Sample(ok=True, status=200, finish_reason="length")
         parts: list[str] = []  # non-streamed: no per-token bookkeeping
         n = 0
-        llm.set_seed(self.s.seed)
+        if self.s.seed is not None:
+            llm.set_seed(self.s.seed)
         for token in llm.generate(self._prompts[kind], top_k=40, top_p=0.95, min_p=0.05,
                                   temp=0.0, repeat_penalty=1.0):
             if lib.llama_vocab_is_eog(vocab, token):
@@ -848,7 +850,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="llama.cpp threads (generation and batch) for every system; default: "
                    "the server's own default, half the logical CPUs")
     p.add_argument("--n-gpu-layers", type=int, default=0)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=None,
+                   help="send this seed (a seeded request evaluates its whole prompt afresh "
+                   "in ml-offload, by its seed rule; greedy decoding needs none)")
     p.add_argument("--systems", default=",".join(SYSTEMS),
                    help=f"comma-separated subset of {','.join(SYSTEMS)}")
     p.add_argument("--cases", default=",".join(CASES),
