@@ -190,7 +190,7 @@ def build(python: str = sys.executable) -> Path:
         return dest
     version = str(r["version"])
     started = time.monotonic()
-    log(f"building llama.cpp {version} as {key} (about 5 minutes on 2 cores; once per "
+    log(f"building llama.cpp {version} as {key} (8 to 16 minutes on 2 cores; once per "
         "machine and flags)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ml-offload-engine-") as tmp:
